@@ -1,0 +1,197 @@
+"""What MTP needs from a keras-hub backbone, in one place.
+
+For each supported backbone: the shared token embedding (and its scaling), a
+blueprint of its last decoder layer, a blueprint of its final norm, and how to
+call a decoder layer with a padding mask. Everything family-specific lives here.
+"""
+
+import inspect
+
+import keras
+import keras_hub
+from keras import ops
+
+# Backbones whose token embedding is multiplied by sqrt(hidden_dim) before the
+# first decoder layer (Gemma's convention); True means scaled.
+_SUPPORTED_BACKBONES = {
+    "GPT2Backbone": False,
+    "LlamaBackbone": False,  # also Llama3Backbone, a subclass
+    "MistralBackbone": False,
+    "GemmaBackbone": True,
+    "Qwen3Backbone": False,
+    "Qwen3MoeBackbone": False,
+    "MixtralBackbone": False,
+}
+
+
+def _supported_class(backbone):
+    for name, scaled in _SUPPORTED_BACKBONES.items():
+        cls = getattr(keras_hub.models, name, None)
+        if cls is not None and isinstance(backbone, cls):
+            return name, scaled
+    return None, None
+
+
+def check_backbone(backbone):
+    """Raises a `ValueError` naming `backbone` if MTP cannot wrap it."""
+    name, _ = _supported_class(backbone)
+    if name is None:
+        raise ValueError(
+            "keras_mtp supports the keras-hub causal backbones "
+            f"{sorted(_SUPPORTED_BACKBONES)}. Received: backbone of class "
+            f"{type(backbone).__name__}"
+        )
+    embedding = backbone.token_embedding
+    if not isinstance(embedding, keras.layers.ReversibleEmbedding):
+        raise ValueError(
+            "MTP shares the backbone's `token_embedding`, which must be a "
+            "`keras.layers.ReversibleEmbedding`. Received: "
+            f"{type(embedding).__name__} on {type(backbone).__name__}"
+        )
+
+
+def embedding_scale(backbone):
+    """The factor the backbone multiplies token embeddings by, or None."""
+    _, scaled = _supported_class(backbone)
+    return float(backbone.hidden_dim) ** 0.5 if scaled else None
+
+
+def layer_norm_epsilon(backbone):
+    """The backbone's norm epsilon, reused by the MTP input RMSNorms."""
+    return float(getattr(backbone, "layer_norm_epsilon", 1e-6))
+
+
+def _serialize_argument(name, value):
+    if name == "activation" and callable(value):
+        return keras.activations.serialize(value)
+    if isinstance(value, keras.initializers.Initializer):
+        return keras.initializers.serialize(value)
+    return value
+
+
+def layer_config(layer):
+    """`layer.get_config()`, repaired where keras-hub's is incomplete.
+
+    keras-hub 0.32 has layers whose config cannot rebuild them:
+    `LlamaTransformerDecoder.get_config()` raises `AttributeError`
+    (`rope_scaling_factor`), `Qwen3TransformerDecoder` omits `head_dim` and
+    `sliding_window_size`, `MixtralTransformerDecoder` omits its router-loss
+    arguments, and Gemma's `RMSNormalization` has no `get_config` at all. Each
+    constructor argument missing from the config is taken from the attribute
+    of the same name, which those layers all store.
+    """
+    try:
+        config = layer.get_config()
+    except (AttributeError, NotImplementedError):
+        config = {
+            "name": layer.name,
+            "trainable": layer.trainable,
+            "dtype": keras.dtype_policies.serialize(layer.dtype_policy),
+        }
+    parameters = inspect.signature(type(layer).__init__).parameters
+    for name, parameter in parameters.items():
+        if name == "self" or parameter.kind in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        ):
+            continue
+        if name not in config:
+            if not hasattr(layer, name):
+                raise ValueError(
+                    f"Cannot copy {type(layer).__name__}: its config lacks "
+                    f"the constructor argument `{name}` and the layer has no "
+                    "attribute of that name."
+                )
+            config[name] = _serialize_argument(name, getattr(layer, name))
+    return config
+
+
+def layer_blueprint(layer):
+    """A JSON-able recipe to build a fresh layer of `layer`'s class and config.
+
+    Accepts a layer or an existing blueprint (returned unchanged).
+    """
+    if isinstance(layer, dict):
+        return layer
+    if not isinstance(layer, keras.layers.Layer):
+        raise ValueError(
+            "Expected a keras Layer or a blueprint dict. "
+            f"Received: {type(layer).__name__}"
+        )
+    cls = type(layer)
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "config": layer_config(layer),
+        "registered_name": keras.saving.get_registered_name(cls),
+    }
+
+
+def build_from_blueprint(blueprint, name, dtype):
+    """A new, unbuilt layer from `blueprint`, renamed, with `dtype`."""
+    dtype = keras.dtype_policies.serialize(keras.dtype_policies.get(dtype))
+    config = {**blueprint["config"], "name": name, "dtype": dtype}
+    return keras.saving.deserialize_keras_object(
+        {**blueprint, "config": config}
+    )
+
+
+def decoder_blueprint(backbone):
+    """Blueprint of the backbone's last decoder layer (MoE stays MoE)."""
+    return layer_blueprint(backbone.transformer_layers[-1])
+
+
+def final_norm_blueprint(backbone):
+    """Blueprint of the backbone's final norm (the type of `Norm_k`)."""
+    return layer_blueprint(backbone.layer_norm)
+
+
+def call_decoder(block, x, padding_mask, training=None):
+    """Runs one keras-hub decoder layer causally over `x` with `padding_mask`.
+
+    keras-hub decoders name the mask `decoder_padding_mask` (GPT-2, Llama,
+    Qwen, Mixtral) or `padding_mask` (Gemma), and some return a tuple.
+    """
+    parameters = inspect.signature(block.call).parameters
+    kwargs = {}
+    if "training" in parameters:
+        kwargs["training"] = training
+    if "decoder_padding_mask" in parameters:
+        kwargs["decoder_padding_mask"] = padding_mask
+    elif "padding_mask" in parameters:
+        kwargs["padding_mask"] = padding_mask
+    else:
+        raise ValueError(
+            f"Cannot pass a padding mask to {type(block).__name__}: its "
+            f"`call` takes {list(parameters)}"
+        )
+    outputs = block(x, **kwargs)
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def embed(token_embedding, token_ids, scale=None, detach=False):
+    """`Emb(token_ids)` with the backbone's scaling; no position embedding."""
+    table = token_embedding.embeddings
+    if detach:
+        table = ops.stop_gradient(table)
+    x = ops.take(table, ops.cast(token_ids, "int32"), axis=0)
+    x = ops.cast(x, token_embedding.compute_dtype)
+    if scale is not None:
+        x = x * ops.cast(scale, x.dtype)
+    return x
+
+
+def output_logits(token_embedding, hidden_states, detach=False):
+    """The backbone's output head: the embedding reversed (tied or not)."""
+    if token_embedding.tie_weights:
+        kernel = ops.transpose(token_embedding.embeddings)
+    else:
+        kernel = token_embedding.reverse_embeddings
+    if detach:
+        kernel = ops.stop_gradient(kernel)
+    dtype = token_embedding.reverse_dtype or hidden_states.dtype
+    logits = ops.matmul(ops.cast(hidden_states, dtype), ops.cast(kernel, dtype))
+    cap = token_embedding.logit_soft_cap
+    if cap is not None:
+        logits = ops.tanh(logits / cap) * cap
+    return logits

@@ -1,0 +1,241 @@
+import keras
+from keras import ops
+
+from keras_mtp import backbones
+from keras_mtp import ops as mtp_ops
+from keras_mtp.mtp_layer import MTPLayer
+
+
+@keras.saving.register_keras_serializable(package="keras_mtp")
+class MTPBlock(keras.layers.Layer):
+    """The chain of `D` MTP depths and their scaled auxiliary loss.
+
+    With `h^0` the backbone's final sequence output and `x` the token ids,
+    depth `k = 1..D` computes `h^k` from `h^{k-1}` and `Emb(x[i + k])` with
+    its own `MTPLayer`, logits `z^k = Head(Norm_k(h^k))` with the shared head,
+    and
+
+    ```
+    L_k   = sum_i w^k_i CE(z^k_i, x[i + k + 1]) / max(sum_i w^k_i, 1)
+    L_mtp = (1 / D) sum_k L_k
+    ```
+
+    over every row and position of the batch (weights from
+    `keras_mtp.ops.mtp_targets_and_weights`). Each call adds
+    `loss_scaling_factor * L_mtp` with `add_loss`; `MTPCausalLM` calls the
+    block only in `fit` and `evaluate`. The per-depth losses and top-1
+    accuracies are also written ("sown") into the non-trainable weights
+    `depth_losses` and `depth_accuracies`, from which the model's metrics read.
+
+    Args:
+        token_embedding: `keras.layers.ReversibleEmbedding`. The shared token
+            embedding; reversed, it is the shared output head.
+        transformer_block: `keras.layers.Layer` or blueprint dict. The class
+            and config of each depth's block (not its weights).
+        output_norm: `keras.layers.Layer` or blueprint dict. The class and
+            config of each depth's output norm.
+        num_layers: int >= 1. The number of depths `D`.
+        loss_scaling_factor: float >= 0. `λ`; a non-trainable weight, so it can
+            change during training without recompiling.
+        detach_trunk: bool. If True, no gradient of the MTP loss reaches the
+            hidden state `h^0`, the embedding or the head.
+        embedding_scale: float or None. Factor on the token embeddings (the
+            backbone's own, e.g. `sqrt(d)` for Gemma).
+        layer_norm_epsilon: float. Epsilon of the MTP input RMSNorms.
+        **kwargs: base layer arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        hidden_states: float tensor `(B, T, d)`, `h^0`.
+        token_ids: int tensor `(B, T)`.
+        padding_mask: tensor `(B, T)`, 1 for real tokens.
+        segment_ids: optional int tensor `(B, T)` for packed rows, 0 = padding.
+        training: bool. Passed to the transformer blocks (dropout, MoE loss).
+
+    Returns:
+        float32 tensor `(D,)`: the per-depth losses `L_k`.
+
+    Example:
+
+    ```python
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=32)
+    block = keras_mtp.MTPBlock(
+        token_embedding=backbone.token_embedding,
+        transformer_block=backbone.transformer_layers[-1],
+        output_norm=backbone.layer_norm,
+        num_layers=2)
+    x = {"token_ids": np.ones((2, 8), "int32"),
+         "padding_mask": np.ones((2, 8), "int32")}
+    losses = block(backbone(x), x["token_ids"], x["padding_mask"])  # (2,)
+    ```
+
+    Reference:
+        DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv:2412.19437, §2.2.
+    """
+
+    def __init__(
+        self,
+        token_embedding,
+        transformer_block,
+        output_norm,
+        num_layers=1,
+        loss_scaling_factor=0.1,
+        detach_trunk=False,
+        embedding_scale=None,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(token_embedding, keras.layers.ReversibleEmbedding):
+            raise ValueError(
+                "`token_embedding` must be a `keras.layers.ReversibleEmbedding`"
+                f". Received: {type(token_embedding).__name__}"
+            )
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(
+                f"`num_layers` must be an int >= 1. Received: {num_layers!r}"
+            )
+        check_loss_scaling_factor(loss_scaling_factor)
+        # === Config ===
+        self.num_layers = num_layers
+        self.loss_scaling_factor = float(loss_scaling_factor)
+        self.detach_trunk = bool(detach_trunk)
+        self.embedding_scale = embedding_scale
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+        # === Layers ===
+        self.token_embedding = token_embedding
+        self.mtp_layers = [
+            MTPLayer(
+                hidden_dim=token_embedding.output_dim,
+                transformer_block=transformer_block,
+                output_norm=output_norm,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=self.dtype_policy,
+                name=f"mtp_layer_{k}",
+            )
+            for k in range(1, num_layers + 1)
+        ]
+
+    def build(self, hidden_states_shape, *args, **kwargs):
+        shape = tuple(hidden_states_shape)
+        if not self.token_embedding.built:
+            self.token_embedding.build(shape[:-1])
+        for layer in self.mtp_layers:
+            layer.build(shape, shape)
+        # === Weights ===
+        self.loss_scale = self.add_weight(
+            name="loss_scaling_factor",
+            shape=(),
+            initializer=keras.initializers.Constant(self.loss_scaling_factor),
+            trainable=False,
+        )
+        self.depth_losses = self.add_weight(
+            name="depth_losses",
+            shape=(self.num_layers,),
+            initializer="zeros",
+            trainable=False,
+        )
+        self.depth_accuracies = self.add_weight(
+            name="depth_accuracies",
+            shape=(self.num_layers,),
+            initializer="zeros",
+            trainable=False,
+        )
+        self.built = True
+
+    def call(
+        self,
+        hidden_states,
+        token_ids,
+        padding_mask,
+        segment_ids=None,
+        training=None,
+    ):
+        length = hidden_states.shape[1]
+        if length is not None and length < self.num_layers + 2:
+            raise ValueError(
+                f"MTP with num_layers={self.num_layers} needs sequences of at "
+                f"least num_layers + 2 = {self.num_layers + 2} tokens (depth k "
+                f"predicts the token k + 1 ahead). Received: sequence length "
+                f"{length}"
+            )
+        hidden = hidden_states  # (B, T, d)
+        if self.detach_trunk:
+            hidden = ops.stop_gradient(hidden)
+        losses, accuracies = [], []
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            shifted_ids = mtp_ops.roll_and_mask(token_ids, -k)  # x[i + k]
+            embeddings = backbones.embed(
+                self.token_embedding,
+                shifted_ids,
+                scale=self.embedding_scale,
+                detach=self.detach_trunk,
+            )  # (B, T, d)
+            hidden, normed = layer(
+                hidden, embeddings, padding_mask, training=training
+            )
+            logits = backbones.output_logits(
+                self.token_embedding, normed, detach=self.detach_trunk
+            )  # (B, T, V)
+            targets, weights = mtp_ops.mtp_targets_and_weights(
+                token_ids, padding_mask, k, segment_ids
+            )
+            losses.append(
+                mtp_ops.masked_cross_entropy(logits, targets, weights)
+            )
+            accuracies.append(mtp_ops.masked_accuracy(logits, targets, weights))
+        losses = ops.stack(losses)  # (D,)
+        self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
+        self.depth_losses.assign(
+            ops.cast(ops.stop_gradient(losses), self.depth_losses.dtype)
+        )
+        self.depth_accuracies.assign(
+            ops.cast(ops.stack(accuracies), self.depth_accuracies.dtype)
+        )
+        return losses
+
+    def compute_output_spec(self, hidden_states, *args, **kwargs):
+        return keras.KerasTensor((self.num_layers,), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "token_embedding": keras.saving.serialize_keras_object(
+                    self.token_embedding
+                ),
+                "transformer_block": self.mtp_layers[
+                    0
+                ].transformer_block_blueprint,
+                "output_norm": self.mtp_layers[0].output_norm_blueprint,
+                "num_layers": self.num_layers,
+                "loss_scaling_factor": self.loss_scaling_factor,
+                "detach_trunk": self.detach_trunk,
+                "embedding_scale": self.embedding_scale,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["token_embedding"] = keras.saving.deserialize_keras_object(
+            config["token_embedding"]
+        )
+        return cls(**config)
+
+
+def check_loss_scaling_factor(value):
+    """Raises a `ValueError` unless `value` is a finite float >= 0."""
+    try:
+        ok = float(value) >= 0.0 and float(value) != float("inf")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            "The MTP loss scaling factor (λ) must be a finite number >= 0. "
+            f"Received: {value!r}"
+        )

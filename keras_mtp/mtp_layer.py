@@ -1,0 +1,150 @@
+import keras
+
+from keras_mtp import backbones
+
+
+@keras.saving.register_keras_serializable(package="keras_mtp")
+class MTPLayer(keras.layers.Layer):
+    """One Multi-Token Prediction depth (DeepSeek-V3, §2.2).
+
+    Given the previous depth's hidden state `h^{k-1}` and the embeddings `e`
+    of the tokens `k` ahead, computes
+
+    ```
+    u   = W_k · concat(RMSNorm_e(e), RMSNorm_h(h^{k-1}))   # embedding first
+    h^k = Block_k(u)                                       # causal, same mask
+    ```
+
+    and returns `(h^k, Norm_k(h^k))`: the hidden state for the next depth and
+    its normed form for the shared output head. `W_k: 2d -> d` has no bias.
+
+    Args:
+        hidden_dim: int. The model width `d`.
+        transformer_block: `keras.layers.Layer` or blueprint dict. A fresh
+            layer of this class and config becomes `Block_k` (e.g. the
+            backbone's last decoder layer; its weights are not shared).
+        output_norm: `keras.layers.Layer` or blueprint dict. A fresh layer of
+            this class and config becomes `Norm_k`.
+        layer_norm_epsilon: float. Epsilon of the two input RMSNorms.
+        **kwargs: base layer arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        hidden_states: float tensor `(B, T, d)`, `h^{k-1}`.
+        token_embeddings: float tensor `(B, T, d)`, `Emb(x[i + k])`.
+        padding_mask: tensor `(B, T)`, 1 for real tokens.
+        training: bool. Passed to the transformer block.
+
+    Example:
+
+    ```python
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=32)
+    layer = keras_mtp.MTPLayer(
+        hidden_dim=16,
+        transformer_block=backbone.transformer_layers[-1],
+        output_norm=backbone.layer_norm)
+    h = np.random.rand(2, 8, 16).astype("float32")
+    e = np.random.rand(2, 8, 16).astype("float32")
+    hidden, normed = layer(h, e, np.ones((2, 8), "int32"))
+    ```
+
+    Reference:
+        DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv:2412.19437, §2.2.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        transformer_block,
+        output_norm,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+            raise ValueError(
+                f"`hidden_dim` must be a positive int. Received: {hidden_dim}"
+            )
+        # === Config ===
+        self.hidden_dim = hidden_dim
+        self.transformer_block_blueprint = backbones.layer_blueprint(
+            transformer_block
+        )
+        self.output_norm_blueprint = backbones.layer_blueprint(output_norm)
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+        # === Layers ===
+        self.embedding_norm = keras.layers.RMSNormalization(
+            epsilon=layer_norm_epsilon,
+            dtype=self.dtype_policy,
+            name="embedding_norm",
+        )
+        self.hidden_norm = keras.layers.RMSNormalization(
+            epsilon=layer_norm_epsilon,
+            dtype=self.dtype_policy,
+            name="hidden_norm",
+        )
+        self.projection = keras.layers.Dense(
+            hidden_dim,
+            use_bias=False,
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+        self.transformer_block = backbones.build_from_blueprint(
+            self.transformer_block_blueprint,
+            name="transformer_block",
+            dtype=self.dtype_policy,
+        )
+        self.output_norm = backbones.build_from_blueprint(
+            self.output_norm_blueprint,
+            name="output_norm",
+            dtype=self.dtype_policy,
+        )
+
+    def build(
+        self,
+        hidden_states_shape,
+        token_embeddings_shape=None,
+        padding_mask_shape=None,
+    ):
+        shape = tuple(hidden_states_shape)
+        self.embedding_norm.build(shape)
+        self.hidden_norm.build(shape)
+        self.projection.build(shape[:-1] + (2 * self.hidden_dim,))
+        # Some keras-hub blocks build themselves from their config.
+        for layer in (self.transformer_block, self.output_norm):
+            if not layer.built:
+                layer.build(shape)
+        self.built = True
+
+    def call(
+        self, hidden_states, token_embeddings, padding_mask, training=None
+    ):
+        x = keras.ops.concatenate(
+            [
+                self.embedding_norm(token_embeddings),
+                self.hidden_norm(hidden_states),
+            ],
+            axis=-1,
+        )  # (B, T, 2d)
+        x = self.projection(x)  # (B, T, d)
+        x = backbones.call_decoder(
+            self.transformer_block, x, padding_mask, training=training
+        )
+        return x, self.output_norm(x)
+
+    def compute_output_shape(self, hidden_states_shape, *args, **kwargs):
+        return (tuple(hidden_states_shape), tuple(hidden_states_shape))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "transformer_block": self.transformer_block_blueprint,
+                "output_norm": self.output_norm_blueprint,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
