@@ -108,7 +108,9 @@ class MTPCausalLM(keras.Model):
 
         # === Metrics ===
         self.main_loss_tracker = keras.metrics.Mean(name="main_loss")
-        self.mtp_loss_tracker = keras.metrics.Mean(name="mtp_loss")
+        self.mtp_loss_tracker = None
+        if mtp_num_layers > 0:
+            self.mtp_loss_tracker = keras.metrics.Mean(name="mtp_loss")
         self.mtp_depth_loss_trackers = [
             keras.metrics.Mean(name=f"mtp_loss_{k}")
             for k in range(1, mtp_num_layers + 1)
@@ -155,6 +157,9 @@ class MTPCausalLM(keras.Model):
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )  # (B, T, d)
         logits = self.backbone.token_embedding(hidden, reverse=True)
+        # Keras' Embedding turns autocast off inside a mixed-precision model,
+        # so its reverse matmul runs in float32; give the policy's dtype back.
+        logits = ops.cast(logits, self.compute_dtype)
         if self.mtp_block is not None and (training or self._mtp_in_evaluate):
             self.mtp_block(
                 hidden,

@@ -1,0 +1,142 @@
+"""Tiny configs shared by the tests: one shape per test kind, so JAX compiles
+each step function as few times as possible."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+VOCAB = 32
+BATCH = 4
+LENGTH = 12
+
+BACKBONES = {
+    "gpt2": lambda: keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+        dropout=0.0,
+    ),
+    "llama": lambda: keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    ),
+    "mistral": lambda: keras_hub.models.MistralBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    ),
+    "gemma": lambda: keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    ),
+    "qwen3": lambda: keras_hub.models.Qwen3Backbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_dim=16,
+        intermediate_dim=32,
+    ),
+    "qwen3_moe": lambda: keras_hub.models.Qwen3MoeBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_dim=16,
+        intermediate_dim=32,
+        moe_intermediate_dim=16,
+        num_experts=4,
+        top_k=2,
+    ),
+    "mixtral": lambda: keras_hub.models.MixtralBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_experts=4,
+        top_k=2,
+    ),
+}
+
+
+def make_backbone(name="llama", seed=0):
+    keras.utils.set_random_seed(seed)
+    return BACKBONES[name]()
+
+
+def clone_backbone(backbone):
+    """A second backbone with the same class, config and weights."""
+    twin = backbone.__class__.from_config(backbone.get_config())
+    twin.set_weights(backbone.get_weights())
+    return twin
+
+
+def make_batch(seed=0, batch=BATCH, length=LENGTH, vocab=VOCAB, pad_last=0):
+    """`(x, y, sample_weight)` like keras-hub's CausalLMPreprocessor.
+
+    The last `pad_last` positions of every odd row are padding.
+    """
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, vocab, size=(batch, length + 1)).astype("int32")
+    mask = np.ones((batch, length + 1), "int32")
+    if pad_last:
+        mask[1::2, -pad_last:] = 0
+        rows[mask == 0] = 0
+    x = {"token_ids": rows[:, :-1], "padding_mask": mask[:, :-1]}
+    return x, rows[:, 1:], mask[:, 1:].astype("float32")
+
+
+def aux_loss_gradients(model, x):
+    """Gradients of the `add_loss` terms of `model(x, training=True)` (the
+    scaled MTP loss) for each trainable variable, keyed by path."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def aux_loss(trainable):
+            _, _, losses = model.stateless_call(
+                trainable, non_trainable, x, training=True, return_losses=True
+            )
+            return sum(losses)
+
+        grads = jax.grad(aux_loss)([v.value for v in model.trainable_variables])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            model(x, training=True)
+            loss = tf.add_n(model.losses)
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+    else:
+        pytest.skip(f"no gradient helper for backend {backend}")
+    return {
+        v.path: (np.zeros(v.shape) if g is None else np.asarray(g))
+        for v, g in zip(model.trainable_variables, grads)
+    }

@@ -1,0 +1,349 @@
+"""MTPCausalLM as a user drives it: fit, evaluate, predict, save/load."""
+
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from conftest import aux_loss_gradients
+from conftest import clone_backbone
+from conftest import make_backbone
+from conftest import make_batch
+from keras import ops
+
+import keras_mtp
+
+DEPTHS = 2
+
+
+def np_(x):
+    return ops.convert_to_numpy(x)
+
+
+def make_model(name="llama", num_layers=DEPTHS, seed=0, **kwargs):
+    return keras_mtp.MTPCausalLM(
+        make_backbone(name, seed), mtp_num_layers=num_layers, **kwargs
+    )
+
+
+def test_fit_on_fresh_model_logs_every_metric():
+    model = make_model(mtp_loss_scaling_factor=0.25)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y, w = make_batch(pad_last=3)
+    history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0)
+    expected = {"loss", "main_loss", "mtp_loss", "sparse_categorical_accuracy"}
+    expected |= {f"mtp_loss_{k}" for k in (1, 2)}
+    expected |= {f"mtp_accuracy_{k}" for k in (1, 2)}
+    assert set(history.history) == expected
+    for values in history.history.values():
+        assert np.all(np.isfinite(values))
+    logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    assert set(logs) == expected
+    # One batch: total = main + λ · mean of the depths, and the depths' mean
+    # is mtp_loss.
+    np.testing.assert_allclose(
+        logs["loss"], logs["main_loss"] + 0.25 * logs["mtp_loss"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        logs["mtp_loss"],
+        (logs["mtp_loss_1"] + logs["mtp_loss_2"]) / 2,
+        rtol=1e-5,
+    )
+
+
+def test_evaluate_depth_losses_match_the_block():
+    model = make_model()
+    model.compile(optimizer="adam")
+    x, y, w = make_batch(pad_last=2)
+    logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    hidden = model.backbone(x)
+    losses = np_(model.mtp_block(hidden, x["token_ids"], x["padding_mask"]))
+    np.testing.assert_allclose(
+        [logs["mtp_loss_1"], logs["mtp_loss_2"]], losses, rtol=1e-5
+    )
+
+
+def test_mtp_never_runs_outside_fit_and_evaluate():
+    model = make_model()
+    assert model.losses == []  # nothing at build / init
+    x, y, _ = make_batch()
+    logits = model(x)
+    assert model.losses == []
+    model(x, training=False)
+    assert model.losses == []
+    assert logits.shape == (4, 12, 32)
+    model.compile(optimizer="adam")
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), np_(logits), atol=1e-6
+    )
+    # Depth weights stay as initialized: predict sowed nothing.
+    np.testing.assert_array_equal(np_(model.mtp_block.depth_losses), [0, 0])
+    model(x, training=True)
+    assert len(model.losses) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma"])
+def test_zero_depths_is_keras_hub_causal_lm(name):
+    backbone = make_backbone(name)
+    reference = keras_hub.models.CausalLM  # the keras-hub task of each family
+    task_class = {
+        "gpt2": keras_hub.models.GPT2CausalLM,
+        "llama": keras_hub.models.LlamaCausalLM,
+        "gemma": keras_hub.models.GemmaCausalLM,
+    }[name]
+    assert issubclass(task_class, reference)
+    hub = task_class(backbone=clone_backbone(backbone), preprocessor=None)
+    model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=0)
+    assert model.mtp_block is None
+    assert model.count_params() == hub.count_params()
+    x, y, w = make_batch(pad_last=2)
+    np.testing.assert_allclose(np_(model(x)), np_(hub(x)), atol=1e-6)
+    hub.compile(optimizer="sgd")
+    model.compile(optimizer="sgd")
+    hub_logs = hub.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["loss"], hub_logs["loss"], rtol=1e-6)
+    assert set(logs) == {"loss", "main_loss", "sparse_categorical_accuracy"}
+
+
+def test_zero_scale_trains_like_keras_hub_causal_lm():
+    backbone = make_backbone("llama")
+    hub = keras_hub.models.LlamaCausalLM(
+        backbone=clone_backbone(backbone), preprocessor=None
+    )
+    model = keras_mtp.MTPCausalLM(
+        backbone, mtp_num_layers=DEPTHS, mtp_loss_scaling_factor=0.0
+    )
+    hub.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, y, w = make_batch(batch=8, pad_last=3)
+    kwargs = dict(sample_weight=w, batch_size=4, epochs=3, shuffle=False)
+    hub_history = hub.fit(x, y, verbose=0, **kwargs).history
+    history = model.fit(x, y, verbose=0, **kwargs).history
+    np.testing.assert_allclose(history["loss"], hub_history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(history["main_loss"], history["loss"], 1e-6)
+    assert history["loss"][-1] < history["loss"][0]  # it did train
+    for ours, theirs in zip(model.backbone.weights, hub.backbone.weights):
+        np.testing.assert_allclose(np_(ours), np_(theirs), atol=1e-5)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_trunk_zeroes_trunk_gradients_of_mtp_loss(detach):
+    model = make_model(mtp_detach_trunk=detach, mtp_loss_scaling_factor=1.0)
+    x, _, _ = make_batch()
+    grads = aux_loss_gradients(model, x)
+    trunk = {v.path for v in model.backbone.trainable_variables}
+    mtp = {v.path for v in model.mtp_block.mtp_layers[0].trainable_variables}
+    assert trunk and mtp
+    for path in trunk:
+        if detach:
+            assert np.all(grads[path] == 0.0), path
+    if not detach:
+        embedding = model.backbone.token_embedding.embeddings.path
+        assert np.abs(grads[embedding]).max() > 0
+        block = model.backbone.transformer_layers[0].trainable_variables[0]
+        assert np.abs(grads[block.path]).max() > 0
+    for path in mtp:
+        if "transformer_block" in path and "kernel" in path:
+            assert np.abs(grads[path]).max() > 0, path
+
+
+def test_scheduler_sets_scale_by_global_step():
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y, w = make_batch(batch=8)
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 0.0 if step < 2 else 1.0
+
+    scheduler = keras_mtp.callbacks.MTPLossScheduler(schedule)
+    history = model.fit(
+        x,
+        y,
+        sample_weight=w,
+        batch_size=4,
+        epochs=2,
+        callbacks=[scheduler],
+        shuffle=False,
+        verbose=0,
+    ).history
+    assert seen == [0, 1, 2, 3]  # 0-based, across epochs
+    assert model.mtp_loss_scaling_factor == 1.0
+    assert history["mtp_loss_scaling_factor"] == [0.0, 1.0]
+    # Epoch 1 ran with λ = 0, epoch 2 with λ = 1 (no recompile needed).
+    np.testing.assert_allclose(history["loss"][0], history["main_loss"][0])
+    np.testing.assert_allclose(
+        history["loss"][1],
+        history["main_loss"][1] + history["mtp_loss"][1],
+        rtol=1e-5,
+    )
+    # A new fit continues the count from the optimizer's iterations.
+    seen.clear()
+    model.fit(
+        x, y, sample_weight=w, batch_size=4, callbacks=[scheduler], verbose=0
+    )
+    assert seen == [4, 5]
+
+
+def test_scheduler_rejects_bad_values():
+    model = make_model()
+    model.compile(optimizer="adam")
+    x, y, w = make_batch()
+    scheduler = keras_mtp.callbacks.MTPLossScheduler(lambda step: -1.0)
+    with pytest.raises(ValueError, match="-1.0"):
+        model.fit(x, y, callbacks=[scheduler], verbose=0)
+    with pytest.raises(ValueError, match="mtp_num_layers=0"):
+        zero = make_model(num_layers=0)
+        zero.compile(optimizer="adam")
+        zero.fit(x, y, callbacks=[scheduler], verbose=0)
+
+
+def test_gradient_accumulation_keeps_the_mtp_term():
+    x, y, w = make_batch(batch=8)
+    weights = {}
+    for steps, batch_size in [(None, 8), (2, 4)]:
+        model = make_model(mtp_loss_scaling_factor=0.5)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                0.5, gradient_accumulation_steps=steps
+            )
+        )
+        model.fit(
+            x,
+            y,
+            sample_weight=w,
+            batch_size=batch_size,
+            shuffle=False,
+            verbose=0,
+        )
+        weights[steps] = {v.path: np_(v) for v in model.trainable_variables}
+    initial = {v.path: np_(v) for v in make_model().trainable_variables}
+    for path, full in weights[None].items():
+        np.testing.assert_allclose(weights[2][path], full, atol=2e-6)
+    moved = [
+        p
+        for p in initial
+        if "mtp_block" in p and np.abs(weights[2][p] - initial[p]).max() > 1e-4
+    ]
+    assert moved, "the MTP layers must be updated by the accumulated step"
+
+
+def test_save_load_restores_scale_and_continues_identically(tmp_path):
+    x, y, w = make_batch(batch=8, pad_last=2)
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0)
+    model.mtp_loss_scaling_factor = 0.37
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, keras_mtp.MTPCausalLM)
+    assert loaded.mtp_loss_scaling_factor == pytest.approx(0.37)
+    assert int(np_(loaded.optimizer.iterations)) == 2
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    histories = [
+        m.fit(
+            x,
+            y,
+            sample_weight=w,
+            batch_size=4,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        ).history
+        for m in (model, loaded)
+    ]
+    np.testing.assert_allclose(
+        histories[1]["loss"], histories[0]["loss"], rtol=1e-6
+    )
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_allclose(np_(a), np_(b), atol=1e-6)
+
+
+def test_get_config_round_trips():
+    model = make_model(mtp_loss_scaling_factor=0.2, mtp_detach_trunk=True)
+    config = model.get_config()
+    revived = keras_mtp.MTPCausalLM.from_config(config)
+    assert revived.get_config() == config
+    assert revived.mtp_detach_trunk and revived.mtp_num_layers == DEPTHS
+    assert revived.mtp_loss_scaling_factor == pytest.approx(0.2)
+    assert revived.count_params() == model.count_params()
+
+
+def test_parameter_counts_pinned():
+    plain = make_model(num_layers=0).count_params()
+    one = make_model(num_layers=1).count_params()
+    two = make_model(num_layers=2).count_params()
+    # Llama, V=32, d=16: untied embedding and head 2·512, one decoder 2336
+    # (attention 16·16 + 2·16·8 + 16·16, MLP 3·16·32, two norms 2·16),
+    # final norm 16.
+    assert plain == 2 * 512 + 2336 + 16
+    # Each depth: RMSNorms 2·16, W_k 32·16, decoder 2336, output norm 16;
+    # plus λ and the sown loss and accuracy per depth (non-trainable).
+    assert one - plain == 32 + 512 + 2336 + 16 + 1 + 2
+    assert two - one == 32 + 512 + 2336 + 16 + 2
+
+
+def test_bad_arguments_name_the_value():
+    backbone = make_backbone("llama")
+    with pytest.raises(ValueError, match="mtp_num_layers=-1"):
+        keras_mtp.MTPCausalLM(backbone, mtp_num_layers=-1)
+    with pytest.raises(ValueError, match="-0.1"):
+        keras_mtp.MTPCausalLM(backbone, mtp_loss_scaling_factor=-0.1)
+    bert = keras_hub.models.BertBackbone(
+        vocabulary_size=32,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    with pytest.raises(ValueError, match="BertBackbone"):
+        keras_mtp.MTPCausalLM(bert)
+    model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=0)
+    with pytest.raises(ValueError, match="mtp_num_layers=0"):
+        model.mtp_loss_scaling_factor = 0.5
+    with pytest.raises(ValueError, match="token_ids"):
+        model(np.ones((2, 4), "int32"))
+
+
+def test_too_short_inputs_for_depth_raise_in_fit():
+    model = make_model(num_layers=3)
+    model.compile(optimizer="adam")
+    x, y, w = make_batch(length=4)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 5"):
+        model.fit(x, y, sample_weight=w, verbose=0)
+
+
+def test_all_padding_batch_trains_with_zero_mtp_loss():
+    model = make_model()
+    model.compile(optimizer="adam")
+    x, y, w = make_batch()
+    x = {k: np.zeros_like(v) for k, v in x.items()}
+    logs = model.fit(
+        x, np.zeros_like(y), sample_weight=np.zeros_like(w), verbose=0
+    ).history
+    assert logs["mtp_loss"] == [0.0]
+    assert logs["loss"] == [0.0]
+
+
+def test_mixed_bfloat16_trains_with_finite_float32_metrics():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = make_model()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert model.mtp_block.mtp_layers[0].compute_dtype == "bfloat16"
+    assert model.mtp_block.depth_losses.dtype == "float32"
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y, w = make_batch(pad_last=2)
+    assert model(x).dtype == "bfloat16"
+    history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0).history
+    for values in history.values():
+        assert np.all(np.isfinite(values))
+    assert history["loss"][1] < history["loss"][0]

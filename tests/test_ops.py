@@ -1,0 +1,138 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_mtp import ops as mtp_ops
+
+
+def np_(x):
+    return ops.convert_to_numpy(x)
+
+
+def test_roll_and_mask_maxtext_meaning():
+    x = np.arange(1, 9).reshape(1, 8)
+    np.testing.assert_array_equal(
+        np_(mtp_ops.roll_and_mask(x)), [[2, 3, 4, 5, 6, 7, 8, 0]]
+    )
+    np.testing.assert_array_equal(
+        np_(mtp_ops.roll_and_mask(x, -3)), [[4, 5, 6, 7, 8, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        np_(mtp_ops.roll_and_mask(x, 2)), [[0, 0, 1, 2, 3, 4, 5, 6]]
+    )
+    np.testing.assert_array_equal(np_(mtp_ops.roll_and_mask(x, 0)), x)
+    np.testing.assert_array_equal(np_(mtp_ops.roll_and_mask(x, -8)), 0 * x)
+
+
+def test_roll_and_mask_rolls_axis_1_of_3d():
+    x = np.arange(12, dtype="float32").reshape(1, 4, 3)
+    expected = np.concatenate([x[:, 1:], np.zeros((1, 1, 3))], axis=1)
+    np.testing.assert_array_equal(np_(mtp_ops.roll_and_mask(x, -1)), expected)
+
+
+def test_roll_and_mask_bad_input():
+    with pytest.raises(ValueError, match="shift=1.5"):
+        mtp_ops.roll_and_mask(np.zeros((1, 4)), 1.5)
+    with pytest.raises(ValueError, match="rank >= 2"):
+        mtp_ops.roll_and_mask(np.zeros((4,)), -1)
+
+
+def test_targets_and_weights_plain():
+    x = np.array([[10, 11, 12, 13, 14, 15]])
+    mask = np.ones_like(x)
+    targets, weights = mtp_ops.mtp_targets_and_weights(x, mask, 1)
+    np.testing.assert_array_equal(np_(targets), [[12, 13, 14, 15, 0, 0]])
+    np.testing.assert_array_equal(np_(weights), [[1, 1, 1, 1, 0, 0]])
+    targets, weights = mtp_ops.mtp_targets_and_weights(x, mask, 3)
+    np.testing.assert_array_equal(np_(targets), [[14, 15, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np_(weights), [[1, 1, 0, 0, 0, 0]])
+
+
+def test_targets_and_weights_padding():
+    x = np.array([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 4]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])  # left pad too
+    _, weights = mtp_ops.mtp_targets_and_weights(x, mask, 1)
+    np.testing.assert_array_equal(
+        np_(weights), [[1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0]]
+    )
+
+
+def test_targets_and_weights_packed_segments():
+    x = np.arange(1, 9).reshape(1, 8)
+    segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+    mask = (segments != 0).astype("int32")
+    _, weights = mtp_ops.mtp_targets_and_weights(x, mask, 1, segments)
+    np.testing.assert_array_equal(np_(weights), [[1, 0, 0, 1, 1, 0, 0, 0]])
+    assert np_(weights).dtype == np.float32  # 0/1, never segment ids
+    _, weights = mtp_ops.mtp_targets_and_weights(x, mask, 2, segments)
+    np.testing.assert_array_equal(np_(weights), [[0, 0, 0, 1, 0, 0, 0, 0]])
+
+
+def test_targets_and_weights_segment_returning_to_same_id():
+    # A segment id that reappears later is a different document.
+    x = np.arange(1, 7).reshape(1, 6)
+    segments = np.array([[1, 1, 2, 1, 1, 1]])
+    _, weights = mtp_ops.mtp_targets_and_weights(
+        x, np.ones_like(x), 1, segments
+    )
+    np.testing.assert_array_equal(np_(weights), [[0, 0, 0, 1, 0, 0]])
+
+
+def test_row_shorter_than_depth_plus_one_has_no_weight():
+    # Row 0 has 3 real tokens: depth 2 needs i + 3 < 3, impossible.
+    x = np.array([[4, 5, 6, 0, 0, 0], [4, 5, 6, 7, 8, 9]])
+    mask = (x != 0).astype("int32")
+    _, weights = mtp_ops.mtp_targets_and_weights(x, mask, 2)
+    np.testing.assert_array_equal(
+        np_(weights), [[0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    )
+
+
+def test_targets_bad_depth():
+    with pytest.raises(ValueError, match="depth=0"):
+        mtp_ops.mtp_targets_and_weights(np.ones((1, 4)), np.ones((1, 4)), 0)
+
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype("float32") * 4
+    targets = rng.integers(0, 7, size=(3, 5))
+    weights = rng.integers(0, 2, size=(3, 5)).astype("float32")
+    ce = -np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)
+    ce = ce[..., 0]
+    np.testing.assert_allclose(
+        np_(mtp_ops.sparse_cross_entropy(logits, targets)), ce, atol=1e-5
+    )
+    expected = (ce * weights).sum() / weights.sum()
+    np.testing.assert_allclose(
+        np_(mtp_ops.masked_cross_entropy(logits, targets, weights)),
+        expected,
+        atol=1e-5,
+    )
+    hits = (logits.argmax(-1) == targets).astype("float32")
+    np.testing.assert_allclose(
+        np_(mtp_ops.masked_accuracy(logits, targets, weights)),
+        (hits * weights).sum() / weights.sum(),
+        atol=1e-6,
+    )
+
+
+def test_cross_entropy_bfloat16_logits_computed_in_float32():
+    logits = np.array([[[30.0, 0.0, -30.0]]])
+    ce = mtp_ops.sparse_cross_entropy(ops.cast(logits, "bfloat16"), [[2]])
+    assert keras.backend.standardize_dtype(ce.dtype) == "float32"
+    np.testing.assert_allclose(np_(ce), [[60.0]], rtol=1e-2)
+
+
+def test_empty_mask_gives_zero_not_nan():
+    logits = np.zeros((2, 3, 5), "float32")
+    zero = np.zeros((2, 3), "float32")
+    loss = np_(mtp_ops.masked_cross_entropy(logits, zero.astype(int), zero))
+    assert loss == 0.0
+    assert np_(mtp_ops.masked_accuracy(logits, zero.astype(int), zero)) == 0.0
