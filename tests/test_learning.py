@@ -10,9 +10,9 @@ drive it to 0; an embedding off by one position would leave it at log(V).
 import math
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_mtp
 
@@ -34,7 +34,7 @@ def batches(rng, rows, structured):
 
 def trained_depth_losses(structured):
     keras.utils.set_random_seed(0)
-    backbone = keras_mtp.backbones.keras_hub.models.LlamaBackbone(
+    backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=V,
         num_layers=1,
         num_query_heads=2,
