@@ -8,7 +8,7 @@ from conftest import BACKBONES
 from conftest import make_backbone
 from conftest import make_batch
 from keras import ops
-from keras_hub.src.tests.test_case import TestCase
+from keras_hub.src.tests import test_case
 
 import keras_mtp
 from keras_mtp import backbones
@@ -62,10 +62,10 @@ def test_moe_backbone_gets_moe_block_and_its_router_loss():
     assert len(model.losses) == 3
 
 
-class HarnessTest(TestCase):
+class HarnessTest(test_case.TestCase):
     """keras-hub's own checks, run on our classes as on keras-hub's tasks."""
 
-    test_session = None  # inherited from tf.test.TestCase; not a test
+    test_session = None  # tf.test.TestCase's helper, not a test
 
     def init_kwargs(self, name):
         return {"backbone": make_backbone(name), "mtp_num_layers": 2}

@@ -52,13 +52,24 @@ def test_fit_on_fresh_model_logs_every_metric():
     )
 
 
-def test_evaluate_depth_losses_match_the_block():
+@pytest.mark.parametrize("packed", [False, True])
+def test_evaluate_depth_losses_match_the_block(packed):
     model = make_model()
     model.compile(optimizer="adam")
     x, y, w = make_batch(pad_last=2)
+    segments = None
+    if packed:  # two documents per row, then the padding
+        segments = np.where(np.arange(12) < 5, 1, 2) * x["padding_mask"]
+        x = {**x, "segment_ids": segments}
     logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
-    hidden = model.backbone(x)
-    losses = np_(model.mtp_block(hidden, x["token_ids"], x["padding_mask"]))
+    hidden = model.backbone(
+        {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
+    )
+    losses = np_(
+        model.mtp_block(
+            hidden, x["token_ids"], x["padding_mask"], segment_ids=segments
+        )
+    )
     np.testing.assert_allclose(
         [logs["mtp_loss_1"], logs["mtp_loss_2"]], losses, rtol=1e-5
     )
