@@ -6,6 +6,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from conftest import LENGTH
 from conftest import aux_loss_gradients
 from conftest import clone_backbone
 from conftest import make_backbone
@@ -358,3 +359,43 @@ def test_mixed_bfloat16_trains_with_finite_float32_metrics():
     for values in history.values():
         assert np.all(np.isfinite(values))
     assert history["loss"][1] < history["loss"][0]
+
+
+def count_traces(schedule):
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    traces = []
+    call = model.mtp_block.call
+
+    def counting_call(*args, **kwargs):
+        traces.append(1)  # Python runs only while a step is traced
+        return call(*args, **kwargs)
+
+    model.mtp_block.call = counting_call
+    x, y, w = make_batch(batch=16)
+    scheduler = keras_mtp.callbacks.MTPLossScheduler(schedule)
+    model.fit(
+        x, y, sample_weight=w, batch_size=4, callbacks=[scheduler], verbose=0
+    )
+    assert model.mtp_loss_scaling_factor == pytest.approx(schedule(3))
+    return len(traces)
+
+
+def test_changing_scale_does_not_retrace():
+    constant = count_traces(lambda step: 0.1)
+    assert 1 <= constant <= 2  # one trace (TF's tf.function may take two)
+    assert count_traces(lambda step: 0.1 * step) == constant
+
+
+def test_fit_on_keras_hub_preprocessor_output():
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "c": 3, "Ġ": 4, "ab": 5}
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocab, merges=["a b"])
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=LENGTH
+    )
+    model = make_model("gpt2")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y, w = preprocessor(["abc ab cab", "a b", "ccc abab", "b"])
+    history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0).history
+    assert history["loss"][1] < history["loss"][0]
+    assert np.isfinite(history["mtp_loss_2"]).all()
