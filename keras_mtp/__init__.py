@@ -2,6 +2,7 @@
 
 from keras_mtp import backbones
 from keras_mtp import callbacks
+from keras_mtp import distribution
 from keras_mtp import ops
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
@@ -17,5 +18,6 @@ __all__ = [
     "SparseCrossEntropy",
     "backbones",
     "callbacks",
+    "distribution",
     "ops",
 ]

@@ -131,6 +131,13 @@ def build_from_blueprint(blueprint, name, dtype):
     """A new, unbuilt layer from `blueprint`, renamed, with `dtype`."""
     dtype = keras.dtype_policies.serialize(keras.dtype_policies.get(dtype))
     config = {**blueprint["config"], "name": name, "dtype": dtype}
+    # keras-hub's TransformerDecoder builds itself in `__init__` when its
+    # config carries input shapes, which would create its weights outside the
+    # caller's name scope (unprefixed, identical paths for every depth). The
+    # caller builds it in `build()` instead.
+    for key in ("decoder_sequence_shape", "encoder_sequence_shape"):
+        if key in config:
+            config[key] = None
     return keras.saving.deserialize_keras_object(
         {**blueprint, "config": config}
     )

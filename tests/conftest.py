@@ -4,6 +4,8 @@ each step function as few times as possible."""
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# 8 CPU devices for the keras.distribution tests (no measurable slowdown).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402

@@ -50,6 +50,16 @@ def test_mtp_block_copies_last_decoder_and_final_norm(name):
     )
 
 
+def test_variable_paths_are_unique_and_name_their_depth():
+    for name in NAMES:
+        model = keras_mtp.MTPCausalLM(make_backbone(name), mtp_num_layers=2)
+        paths = [v.path for v in model.weights]
+        assert len(set(paths)) == len(paths), name
+        for k, layer in enumerate(model.mtp_block.mtp_layers, start=1):
+            for v in layer.weights:
+                assert v.path.startswith(f"mtp_block/mtp_layer_{k}/"), v.path
+
+
 def test_moe_backbone_gets_moe_block_and_its_router_loss():
     model = keras_mtp.MTPCausalLM(make_backbone("qwen3_moe"), mtp_num_layers=1)
     x, _, _ = make_batch()
