@@ -1,24 +1,28 @@
-"""Train a small byte-level language model with Multi-Token Prediction.
+"""Pre-train a language model with Multi-Token Prediction, laptop to pod.
 
-    python train.py                              # Llama, Python stdlib, ~3 min
-    python train.py --backbone=gemma --mtp-num-layers=1
-    python train.py --data="~/src/**/*.py" --steps=20000
+    python train.py                                   # ~3 min on 2 CPU cores
+    python train.py --backbone=gemma --mtp-num-layers=1 --steps=2000
+    python train.py --config=run.yaml --distribution=model --mesh=2,4
     python train.py --help
 
-The corpus (default: the `.py` files of the running Python's standard
-library) is split by file into training and validation files. A keras-hub
-backbone built from the config below is wrapped in `keras_mtp.MTPCausalLM`
-and trained with `model.fit`; validation runs every `eval_interval` steps on
-the same `eval_steps` batches. `output_dir` receives `config.json`,
-`metrics.csv` (one row per evaluation) and `model.keras`. At the end a table
-gives the final loss and top-1 accuracy of the main head and of each MTP depth.
+The corpus (default: the `.py` files of the running Python's standard library)
+is split by file into training and validation files, tokenized once into a
+token file under `<output_dir>/../.token_cache` and read by position, so an
+interrupted run resumes on exactly the batches it would have seen. A keras-hub
+backbone built from the config is wrapped in `keras_mtp.MTPCausalLM` and
+trained with `model.fit`. `output_dir` receives `config.json`, `metrics.csv`,
+TensorBoard logs, `best.keras` (lowest val_loss), `last.keras` (every
+evaluation) and `losses.png`. Rerunning the same command continues from
+`last.keras`: model, optimizer, λ, step and data position.
 """
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import typing
 
@@ -31,7 +35,7 @@ import keras_hub  # noqa: E402
 import keras_mtp  # noqa: E402
 from keras_mtp import data  # noqa: E402
 
-BACKBONES = ("gpt2", "llama", "gemma", "qwen3", "qwen3_moe")
+BACKBONES = ("gpt2", "llama", "gemma", "qwen3", "qwen3_moe", "mixtral")
 
 
 def knob(default, help, **metadata):
@@ -42,7 +46,7 @@ def knob(default, help, **metadata):
 
 
 # -----------------------------------------------------------------------------
-# All knobs. The defaults train in 2.5-3.5 minutes on 2 CPU cores (JAX).
+# All knobs. The defaults train in about 3 minutes on 2 CPU cores (JAX).
 @dataclasses.dataclass
 class Config:
     # model
@@ -55,59 +59,137 @@ class Config:
     intermediate_dim: int = knob(128, "Feed-forward width.")
     # MTP
     mtp_num_layers: int = knob(2, "MTP depths D (0 = plain causal LM).")
-    mtp_loss_scaling_factor: float = knob(0.1, "λ: loss = main + λ · L_mtp.")
+    mtp_loss_scaling_factor: float = knob(
+        0.1, "λ for the constant schedule: loss = main + λ · L_mtp."
+    )
+    mtp_schedule: str = knob(
+        "constant",
+        "λ schedule: constant, or deepseek (0.3, then 0.1 from "
+        "mtp_schedule_switch · steps on, as DeepSeek-V3).",
+        choices=("constant", "deepseek"),
+    )
+    mtp_schedule_switch: float = knob(
+        0.7, "Fraction of the steps after which the deepseek λ drops."
+    )
     # data
     data: typing.Optional[str] = knob(
         None, "Corpus directory or glob; None = the Python stdlib .py files."
     )
+    tokenizer: str = knob(
+        "bytes",
+        "bytes, a SentencePiece .model file, or bpe:VOCAB_JSON,MERGES_TXT.",
+    )
     validation_fraction: float = knob(0.05, "Share of files for validation.")
-    sequence_length: int = knob(128, "Tokens (bytes) per example.")
-    batch_size: int = knob(16, "Examples per step.")
-    # training
+    sequence_length: int = knob(128, "Tokens per example.")
+    batch_size: int = knob(16, "Examples per step (global, all devices).")
+    packing: bool = knob(
+        False, "Add segment_ids so no loss crosses a document boundary."
+    )
+    # optimization
     steps: int = knob(600, "Training steps.")
-    learning_rate: float = knob(2e-3, "Adam learning rate.")
-    eval_interval: int = knob(150, "Steps between evaluations (an epoch).")
+    learning_rate: float = knob(2e-3, "Peak Adam learning rate.")
+    warmup_steps: int = knob(30, "Linear warmup steps from 0 to the peak.")
+    min_learning_rate_ratio: float = knob(
+        0.1, "Cosine decay ends at this fraction of the peak."
+    )
+    eval_interval: int = knob(150, "Steps between evaluations/checkpoints.")
     eval_steps: int = knob(10, "Validation batches per evaluation.")
-    seed: int = knob(0, "Seed of the weights, the split and the shuffles.")
-    output_dir: str = knob(
-        "runs/default", "Where config, metrics and model go."
+    seed: int = knob(0, "Seed of the weights, the split and the data order.")
+    output_dir: str = knob("runs/default", "Where everything is written.")
+    # distribution (JAX)
+    distribution: str = knob(
+        "none",
+        "none (one device), data (DataParallel over all devices) or model "
+        "(ModelParallel on --mesh).",
+        choices=("none", "data", "model"),
+    )
+    mesh: str = knob("", "Mesh shape 'batch,model' for --distribution=model.")
+    coordinator_address: typing.Optional[str] = knob(
+        None,
+        "Multi-host: host:port of process 0 (or "
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES).",
+    )
+    num_processes: typing.Optional[int] = knob(
+        None, "Multi-host: number of processes (or env ..._NUM_PROCESSES)."
+    )
+    process_id: typing.Optional[int] = knob(
+        None, "Multi-host: this process (or env ..._PROCESS_ID)."
     )
 
 
 # -----------------------------------------------------------------------------
 
 
+def _field_type(field):
+    kind = typing.get_type_hints(Config)[field.name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def load_config_file(path):
+    """The fields set in a JSON or YAML file, checked against `Config`."""
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(f) or {}
+        else:
+            values = json.load(f)
+    names = {field.name for field in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"Unknown field(s) {unknown} in config file {path}")
+    return values
+
+
 def parse_config(argv=None):
-    """A `Config` from `--field-name=value` flags, one per dataclass field."""
+    """A `Config`: defaults, then `--config FILE`, then `--field=value`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    from_file = load_config_file(known.config) if known.config else {}
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(Config)
+    parser.add_argument(
+        "--config", help="JSON or YAML file of fields (flags override it)."
+    )
     for field in dataclasses.fields(Config):
-        kind = hints[field.name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kind = _field_type(field)
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
-            type=kind,
-            default=field.default,
+            type=_parse_bool if kind is bool else kind,
+            default=from_file.get(field.name, field.default),
             choices=field.metadata.get("choices"),
             help=field.metadata["help"],
         )
-    return Config(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return Config(**args)
 
 
-def make_backbone(config):
+def make_backbone(config, vocabulary_size):
     """The keras-hub backbone of `config.backbone`, sized by the config."""
     c = config
-    assert c.hidden_dim % c.num_heads == 0, (
-        f"hidden_dim={c.hidden_dim} must be a multiple of "
-        f"num_heads={c.num_heads}"
-    )
+    if c.hidden_dim % c.num_heads:
+        raise ValueError(
+            f"hidden_dim={c.hidden_dim} must be a multiple of "
+            f"num_heads={c.num_heads}"
+        )
     common = dict(
-        vocabulary_size=data.VOCABULARY_SIZE,
+        vocabulary_size=vocabulary_size,
         num_layers=c.num_layers,
         hidden_dim=c.hidden_dim,
         intermediate_dim=c.intermediate_dim,
@@ -118,25 +200,22 @@ def make_backbone(config):
         num_key_value_heads=max(1, c.num_heads // 2),
     )
     head_dim = c.hidden_dim // c.num_heads
+    models = keras_hub.models
     if c.backbone == "gpt2":
-        return keras_hub.models.GPT2Backbone(
+        return models.GPT2Backbone(
             num_heads=c.num_heads,
             dropout=0.0,
             max_sequence_length=c.sequence_length,
             **common,
         )
     if c.backbone == "llama":
-        return keras_hub.models.LlamaBackbone(**heads, **common)
+        return models.LlamaBackbone(**heads, **common)
     if c.backbone == "gemma":
-        return keras_hub.models.GemmaBackbone(
-            head_dim=head_dim, **heads, **common
-        )
+        return models.GemmaBackbone(head_dim=head_dim, **heads, **common)
     if c.backbone == "qwen3":
-        return keras_hub.models.Qwen3Backbone(
-            head_dim=head_dim, **heads, **common
-        )
+        return models.Qwen3Backbone(head_dim=head_dim, **heads, **common)
     if c.backbone == "qwen3_moe":
-        return keras_hub.models.Qwen3MoeBackbone(
+        return models.Qwen3MoeBackbone(
             head_dim=head_dim,
             moe_intermediate_dim=c.intermediate_dim // 2,
             num_experts=4,
@@ -144,17 +223,175 @@ def make_backbone(config):
             **heads,
             **common,
         )
+    if c.backbone == "mixtral":
+        return models.MixtralBackbone(num_experts=4, top_k=2, **heads, **common)
     raise ValueError(
         f"Unknown backbone. Expected one of {BACKBONES}. "
         f"Received: backbone={c.backbone!r}"
     )
 
 
+def build_model(config, vocabulary_size):
+    model = keras_mtp.MTPCausalLM(
+        make_backbone(config, vocabulary_size),
+        mtp_num_layers=config.mtp_num_layers,
+        mtp_loss_scaling_factor=(
+            0.3
+            if config.mtp_schedule == "deepseek"
+            else config.mtp_loss_scaling_factor
+        ),
+    )
+    warmup = min(config.warmup_steps, config.steps - 1)
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+        decay_steps=config.steps - warmup,
+        alpha=config.min_learning_rate_ratio,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    return model
+
+
+# === Distribution ============================================================
+
+
+def initialize_processes(config):
+    """Starts multi-host JAX when asked by flags or the standard variables."""
+    env = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+    num_processes = config.num_processes or (int(env) if env else 1)
+    if num_processes <= 1:
+        return
+    if keras.config.backend() != "jax":
+        raise ValueError(
+            "Multi-process training needs the JAX backend. Received: "
+            f"KERAS_BACKEND={keras.config.backend()}"
+        )
+    import jax
+
+    # CPU processes exchange gradients over gloo; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(
+        job_addresses=config.coordinator_address,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+    )
+
+
+def make_distribution(config, model_factory):
+    """The `keras.distribution` of `config`, or None for one device."""
+    if config.distribution == "none":
+        return None
+    if keras.config.backend() != "jax":
+        raise ValueError(
+            f"--distribution={config.distribution} needs the JAX backend. "
+            f"Received: KERAS_BACKEND={keras.config.backend()}"
+        )
+    devices = keras.distribution.list_devices()
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"batch_size={config.batch_size} must divide over the "
+            f"{len(devices)} devices"
+        )
+    # Each process feeds its own rows of every global batch (data.py shards
+    # deterministically), so Keras must not shard the dataset again.
+    if config.distribution == "data":
+        return keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=False
+        )
+    try:
+        shape = tuple(int(n) for n in config.mesh.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 2 or math.prod(shape) != len(devices):
+        raise ValueError(
+            "--distribution=model needs --mesh=BATCH,MODEL with "
+            f"BATCH·MODEL = {len(devices)} devices. Received: "
+            f"mesh={config.mesh!r}"
+        )
+    mesh = keras.distribution.DeviceMesh(
+        shape, axis_names=("batch", "model"), devices=devices
+    )
+    # The layout map is read off a model's variable paths: build a throwaway
+    # copy first (cheap next to training; the real one is built in scope).
+    layout_map = keras_mtp.distribution.get_layout_map(model_factory(), mesh)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
+    )
+
+
+# === Run directory ===========================================================
+
+
+class SaveLast(keras.callbacks.Callback):
+    """Saves `last.keras` after every evaluation, atomically.
+
+    The step to resume from is the optimizer's `iterations`, saved inside the
+    same file, so a kill at any moment leaves a consistent checkpoint.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        partial = self.path + ".partial.keras"
+        self.model.save(partial)
+        os.replace(partial, self.path)
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_metrics(path, epochs):
+    """Keeps the CSV rows of the first `epochs` epochs (those checkpointed)."""
+    rows = read_metrics(path)[:epochs]
+    if not rows:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_losses(rows, steps_per_epoch, mtp_num_layers, path):
+    """`losses.png`: main and per-depth losses, train and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(int(row["epoch"]) + 1) * steps_per_epoch for row in rows]
+    keys = ["main_loss"] + [
+        f"mtp_loss_{k}" for k in range(1, mtp_num_layers + 1)
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, prefix, title in zip(axes, ("", "val_"), ("train", "validation")):
+        for key in keys:
+            if prefix + key in rows[0]:
+                values = [float(row[prefix + key]) for row in rows]
+                ax.plot(steps, values, marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy (nats per token)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def summary_table(logs, mtp_num_layers):
     """Final loss and accuracy per head, train and validation, as text."""
 
     def cell(key):
-        return f"{logs[key]:10.4f}" if key in logs else f"{'-':>10}"
+        return f"{float(logs[key]):10.4f}" if key in logs else f"{'-':>10}"
 
     heads = [("main (token +1)", "main_loss", "sparse_categorical_accuracy")]
     heads += [
@@ -177,82 +414,162 @@ def summary_table(logs, mtp_num_layers):
     return "\n".join(lines)
 
 
+# === Main ====================================================================
+
+
 def main(config):
     start = time.time()
-    keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+    initialize_processes(config)
+    process, processes = 0, 1
+    if keras.config.backend() == "jax":
+        import jax
+
+        process, processes = jax.process_index(), jax.process_count()
+    run_dir = config.output_dir
+    if processes > 1 and process > 0:  # every process logs; one owns the run
+        run_dir = os.path.join(run_dir, f"process_{process}")
+    os.makedirs(run_dir, exist_ok=True)
+    paths = {
+        name: os.path.join(run_dir, name)
+        for name in ("config.json", "metrics.csv", "best.keras", "last.keras")
+    }
+    config_dict = dataclasses.asdict(config)
+    if os.path.exists(paths["last.keras"]):
+        with open(paths["config.json"]) as f:
+            saved = json.load(f)
+        if saved != config_dict:
+            changed = sorted(
+                k for k in config_dict if saved.get(k) != config_dict[k]
+            )
+            raise ValueError(
+                f"{run_dir} holds a run with another config (fields "
+                f"{changed} differ); use a new --output-dir to start afresh."
+            )
+    with open(paths["config.json"], "w") as f:
+        json.dump(config_dict, f, indent=2)
 
     # === Data ===
+    tokenizer = data.load_tokenizer(config.tokenizer)
+    # Padded to a multiple of 64 (as nanoGPT does) so the vocabulary divides
+    # any model-parallel mesh axis; the extra ids never occur in the data.
+    vocabulary_size = 64 * math.ceil(data.vocabulary_size(tokenizer) / 64)
     files = data.list_corpus_files(config.data)
     train_files, val_files = data.split_files(
         files, config.validation_fraction, seed=config.seed
     )
-    train_ds = data.make_dataset(
-        train_files, config.sequence_length, config.batch_size, seed=config.seed
+    cache_dir = os.path.join(
+        os.path.dirname(os.path.abspath(run_dir)), ".token_cache"
     )
-    # A fixed validation set: the same `eval_steps` batches at every eval
-    # (cached, then repeated, because Keras keeps one validation iterator).
-    val_ds = (
-        data.make_dataset(
-            val_files,
-            config.sequence_length,
-            config.batch_size,
-            seed=config.seed + 1,
+    dataset_kwargs = dict(
+        sequence_length=config.sequence_length,
+        batch_size=config.batch_size,
+        packing=config.packing,
+        num_shards=processes,
+        shard_index=process,
+        cache_dir=cache_dir,
+        tokenizer=tokenizer,
+    )
+
+    # === Model (fresh, or resumed from last.keras) ===
+    distribution = make_distribution(
+        config, lambda: build_model(config, vocabulary_size)
+    )
+    if distribution is not None:
+        keras.distribution.set_distribution(distribution)
+    resumed = os.path.exists(paths["last.keras"])
+    # Seeded here, after the layout map's throwaway model drew its weights,
+    # so every distribution starts from the same weights as one device.
+    keras.utils.set_random_seed(config.seed)
+    if resumed:
+        model = keras.models.load_model(paths["last.keras"])
+    else:
+        model = build_model(config, vocabulary_size)
+    steps_per_epoch = min(config.eval_interval, config.steps)
+    epochs = math.ceil(config.steps / steps_per_epoch)
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    initial_epoch = step // steps_per_epoch
+    truncate_metrics(paths["metrics.csv"], initial_epoch)
+    history_rows = read_metrics(paths["metrics.csv"])
+    backbone_params = model.backbone.count_params()
+    print(
+        f"corpus: {len(files)} files ({len(train_files)} train, "
+        f"{len(val_files)} validation) from {config.data or 'Python stdlib'}\n"
+        f"{config.backbone}: {backbone_params:,} backbone parameters, "
+        f"{model.count_params() - backbone_params:,} in "
+        f"{config.mtp_num_layers} MTP depths; "
+        + (f"resuming at step {step}" if resumed else "starting")
+        + (
+            f" on {len(keras.distribution.list_devices())} devices, "
+            f"process {process}/{processes}"
+            if distribution
+            else ""
         )
+    )
+    train_ds = data.make_dataset(
+        train_files,
+        seed=config.seed,
+        start_step=initial_epoch * steps_per_epoch,
+        **dataset_kwargs,
+    )
+    # A fixed validation set: the same `eval_steps` batches at every eval.
+    val_ds = (
+        data.make_dataset(val_files, shuffle=False, **dataset_kwargs)
         .take(config.eval_steps)
         .cache()
         .repeat()
     )
-    print(
-        f"corpus: {len(files)} files ({len(train_files)} train, "
-        f"{len(val_files)} validation) from {config.data or 'Python stdlib'}"
-    )
-
-    # === Model ===
-    backbone = make_backbone(config)
-    model = keras_mtp.MTPCausalLM(
-        backbone,
-        mtp_num_layers=config.mtp_num_layers,
-        mtp_loss_scaling_factor=config.mtp_loss_scaling_factor,
-    )
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    print(
-        f"{config.backbone}: {backbone.count_params():,} backbone parameters, "
-        f"{model.count_params() - backbone.count_params():,} in "
-        f"{config.mtp_num_layers} MTP depths"
-    )
 
     # === Training ===
-    # One Keras epoch = `eval_interval` steps, so validation runs after each.
-    steps_per_epoch = min(config.eval_interval, config.steps)
-    epochs = math.ceil(config.steps / steps_per_epoch)
-    history = model.fit(
-        train_ds,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds,
-        validation_steps=config.eval_steps,
-        shuffle=False,  # `make_dataset` shuffles
-        callbacks=[
-            keras.callbacks.CSVLogger(
-                os.path.join(config.output_dir, "metrics.csv")
+    callbacks = []
+    if config.mtp_schedule == "deepseek" and config.mtp_num_layers:
+        switch = config.mtp_schedule_switch * config.steps
+        # First, so that λ is in the logs the CSV and TensorBoard write.
+        callbacks.append(
+            keras_mtp.callbacks.MTPLossScheduler(
+                lambda step: 0.3 if step < switch else 0.1
             )
-        ],
-        verbose=2,
-    )
-    model.save(os.path.join(config.output_dir, "model.keras"))
+        )
+    callbacks += [
+        SaveLast(paths["last.keras"]),  # before the CSV row of its epoch
+        keras.callbacks.ModelCheckpoint(
+            paths["best.keras"],
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=min(
+                (float(row["val_loss"]) for row in history_rows), default=None
+            ),
+        ),
+        keras.callbacks.CSVLogger(paths["metrics.csv"], append=resumed),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+    ]
+    if initial_epoch < epochs:
+        model.fit(
+            train_ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            validation_steps=config.eval_steps,
+            shuffle=False,  # the dataset orders the rows itself
+            callbacks=callbacks,
+            verbose="auto" if sys.stdout.isatty() else 2,
+        )
 
-    final = {key: values[-1] for key, values in history.history.items()}
+    rows = read_metrics(paths["metrics.csv"])
+    plot_losses(
+        rows,
+        steps_per_epoch,
+        config.mtp_num_layers,
+        os.path.join(run_dir, "losses.png"),
+    )
     minutes = (time.time() - start) / 60
     print(
         f"\nFinal metrics after {epochs * steps_per_epoch} steps "
-        f"({minutes:.1f} min). Loss in nats per byte; train = mean over the "
+        f"({minutes:.1f} min). Loss in nats per token; train = mean over the "
         f"last {steps_per_epoch} steps, val = {config.eval_steps} batches:"
     )
-    print(summary_table(final, config.mtp_num_layers))
-    print(f"saved to {config.output_dir}/")
+    print(summary_table(rows[-1], config.mtp_num_layers))
+    print(f"saved to {run_dir}/")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,52 @@
-"""Corpus → batches `(x, y, sample_weight)` for byte-level language models.
+"""Corpus → batches `(x, y, sample_weight)`, resumable at any step.
 
-Files are read one at a time, tokenized to bytes, joined with an end-of-file
-separator and cut into rows of `sequence_length + 1` tokens. Each row becomes
-one example exactly as keras-hub's `CausalLMPreprocessor` lays it out:
+Two stages, nanoGPT style:
+
+1. `prepare_tokens` tokenizes the corpus once, one file at a time, into one
+   flat token file on disk (every file is followed by a separator id) and
+   memory-maps it. A rerun on unchanged files reuses the file.
+2. `make_dataset` cuts the tokens into `N = len(tokens) // (T + 1)` fixed,
+   non-overlapping rows of `T + 1` tokens and serves batches by random
+   access: example `g = step * batch_size + j` is row `perm_p(g mod N)`,
+   where pass `p = g // N` has its own seeded pseudo-random permutation. A
+   batch is a pure function of `(seed, step)`: restarting with
+   `start_step=s` gives exactly the batches an uninterrupted run sees from
+   step `s` on, nothing is held in memory but the batches in flight, and
+   `num_shards` processes can each take their slice of every global batch.
+
+Each row becomes one example laid out as keras-hub's `CausalLMPreprocessor`
+does it:
 
 ```
-x = {"token_ids": row[:-1], "padding_mask": row[:-1] != PAD_ID}
+x = {"token_ids": row[:-1], "padding_mask": ones}
 y = row[1:]
-sample_weight = row[1:] != PAD_ID
+sample_weight = ones
 ```
 
-Token ids: `0` is padding, `1` ends a file, byte `b` is `b + 2`.
+Byte token ids (the default, `tokenizer=None`): `0` is padding (never
+produced here, kept for models that pad), `1` ends a file, byte `b` is
+`b + 2`.
 
 Example:
 
 ```python
-files = keras_mtp.data.default_corpus_files()  # the Python standard library
-train_files, val_files = keras_mtp.data.split_files(files)
-ds = keras_mtp.data.make_dataset(train_files, sequence_length=128,
-                                 batch_size=16)
-model.fit(ds, steps_per_epoch=100)
+from keras_mtp import data
+
+files = data.default_corpus_files()  # the Python standard library
+train_files, val_files = data.split_files(files)
+ds = data.make_dataset(train_files, sequence_length=128, batch_size=16)
+x, y, sample_weight = next(iter(ds))  # x["token_ids"]: (16, 128) int32
+# model.fit(ds, steps_per_epoch=100)  # any keras-hub causal LM
+
+# A run killed after 700 steps continues with batch 700, as if never stopped:
+resumed = data.make_dataset(train_files, 128, 16, start_step=700)
 ```
 """
 
+import functools
 import glob
+import hashlib
+import json
 import os
 import sysconfig
 
@@ -35,7 +58,13 @@ SEPARATOR_ID = 1
 BYTE_OFFSET = 2  # byte b has id b + BYTE_OFFSET
 VOCABULARY_SIZE = 256 + BYTE_OFFSET  # 258
 
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_mtp", "tokens")
+_CACHE_FORMAT = 1  # bump when the token file layout changes
+_FEISTEL_ROUNDS = 6
 _EXCLUDED_STDLIB_DIRS = ("site-packages", "test", "tests")
+
+
+# === Corpus files ===
 
 
 def default_corpus_files():
@@ -138,6 +167,9 @@ def split_files(files, validation_fraction=0.05, seed=0):
     return train, validation
 
 
+# === Tokenizers ===
+
+
 def tokenize(data):
     """Byte ids of `data` (bytes or str, str is UTF-8 encoded), int32."""
     if isinstance(data, str):
@@ -152,8 +184,107 @@ def detokenize(token_ids):
     return (token_ids - BYTE_OFFSET).astype(np.uint8).tobytes()
 
 
-def read_file_tokens(path):
-    """The byte ids of one file followed by `SEPARATOR_ID`, int32.
+def load_tokenizer(spec=None):
+    """A tokenizer from local vocabulary files; None means bytes.
+
+    Nothing is downloaded. The tokenizer's own ids are used as they are;
+    `separator_id` says which id ends each file.
+
+    Args:
+        spec: str or None. One of:
+            - None or `"bytes"`: byte tokens (`tokenize`); returns None.
+            - a path ending in `.model`: a SentencePiece model, loaded as
+              `keras_hub.tokenizers.SentencePieceTokenizer`.
+            - `"bpe:VOCAB_JSON,MERGES_TXT"`: a GPT-2 style byte-pair
+              vocabulary and merges file, loaded as
+              `keras_hub.tokenizers.BytePairTokenizer`.
+
+    Returns:
+        None (bytes) or a keras-hub tokenizer.
+
+    Raises:
+        FileNotFoundError: a named file does not exist.
+        ValueError: `spec` has none of the forms above.
+    """
+    if spec is None or spec == "bytes":
+        return None
+    import keras_hub
+
+    def existing(path):
+        path = os.path.expanduser(path.strip())
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Tokenizer file not found: {path}")
+        return path
+
+    if spec.startswith("bpe:") and spec.count(",") == 1:
+        vocabulary, merges = spec[len("bpe:") :].split(",")
+        return keras_hub.tokenizers.BytePairTokenizer(
+            vocabulary=existing(vocabulary), merges=existing(merges)
+        )
+    if spec.endswith(".model"):
+        return keras_hub.tokenizers.SentencePieceTokenizer(proto=existing(spec))
+    raise ValueError(
+        'Expected a tokenizer spec None, "bytes", a path to a SentencePiece '
+        '`.model` file, or "bpe:VOCAB_JSON,MERGES_TXT". '
+        f"Received: spec={spec!r}"
+    )
+
+
+def separator_id(tokenizer=None):
+    """The id that ends every file in the token stream.
+
+    `SEPARATOR_ID` for bytes; the tokenizer's `end_token_id` if it has one
+    (keras-hub's model tokenizers do); otherwise a new id,
+    `tokenizer.vocabulary_size()`, one past the tokenizer's vocabulary.
+    """
+    if tokenizer is None:
+        return SEPARATOR_ID
+    end_token_id = getattr(tokenizer, "end_token_id", None)
+    if end_token_id is not None:
+        return int(end_token_id)
+    return int(tokenizer.vocabulary_size())
+
+
+def vocabulary_size(tokenizer=None):
+    """The model's vocabulary size: every token id and the separator."""
+    if tokenizer is None:
+        return VOCABULARY_SIZE
+    return max(int(tokenizer.vocabulary_size()), separator_id(tokenizer) + 1)
+
+
+def _tokenizer_identity(tokenizer):
+    """A string that changes whenever the tokenizer's ids could."""
+    if tokenizer is None:
+        return "bytes"
+    digest = hashlib.sha256()
+    config = dict(tokenizer.get_config())
+    config.pop("name", None)  # "tokenizer_2" for the same vocabulary
+    config = json.dumps(config, sort_keys=True, default=str)
+    digest.update(f"{type(tokenizer).__qualname__}\n{config}".encode())
+    for attribute in ("proto", "vocabulary", "merges"):
+        value = getattr(tokenizer, attribute, None)
+        if isinstance(value, str) and os.path.isfile(value):
+            with open(value, "rb") as f:
+                value = f.read()
+        elif isinstance(value, dict):
+            value = sorted(value.items())
+        if value is not None:
+            digest.update(f"{attribute}\n".encode())
+            if not isinstance(value, bytes):
+                value = repr(value).encode()
+            digest.update(value)
+    digest.update(str(separator_id(tokenizer)).encode())
+    return digest.hexdigest()
+
+
+# === Tokens on disk ===
+
+
+def read_file_tokens(path, tokenizer=None):
+    """The token ids of one file followed by the separator, int32.
+
+    With a tokenizer, the bytes are decoded as UTF-8 (invalid bytes become
+    U+FFFD) before tokenizing.
 
     Raises:
         OSError: the file cannot be read; the message names it.
@@ -163,104 +294,301 @@ def read_file_tokens(path):
             data = f.read()
     except OSError as e:
         raise OSError(f"Cannot read corpus file {path}: {e}") from e
-    return np.append(tokenize(data), np.int32(SEPARATOR_ID))
+    if tokenizer is None:
+        ids = tokenize(data)
+    else:
+        text = data.decode("utf-8", errors="replace")
+        ids = np.asarray(tokenizer.tokenize(text), dtype=np.int32).reshape(-1)
+    return np.append(ids, np.int32(separator_id(tokenizer)))
 
 
-def _file_size(path):
-    try:
-        return os.path.getsize(path)
-    except OSError as e:
-        raise OSError(f"Cannot read corpus file {path}: {e}") from e
+def _token_dtype(tokenizer):
+    return np.uint16 if vocabulary_size(tokenizer) <= 2**16 else np.uint32
 
 
-def _rows(files, row_length, shuffle, seed, repeat):
-    """Yields rows of `row_length` token ids, reading one file at a time."""
-    rng = np.random.default_rng(seed)
-    buffer = np.zeros((0,), dtype=np.int32)
-    while True:
-        order = rng.permutation(len(files)) if shuffle else range(len(files))
-        for i in order:
-            buffer = np.concatenate([buffer, read_file_tokens(files[i])])
-            num_rows = len(buffer) // row_length
-            for start in range(0, num_rows * row_length, row_length):
-                yield buffer[start : start + row_length]
-            buffer = buffer[num_rows * row_length :]  # the unfinished row
-        if not repeat:
-            return
+def _cache_path(files, cache_dir, tokenizer):
+    """The token file's path: a hash of what its content depends on."""
+    stats = []
+    for path in files:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"Corpus file not found: {path}") from e
+        except OSError as e:
+            raise OSError(f"Cannot read corpus file {path}: {e}") from e
+        stats.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    dtype = np.dtype(_token_dtype(tokenizer)).name
+    key = [_CACHE_FORMAT, dtype, _tokenizer_identity(tokenizer), stats]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, f"tokens-{digest}.{dtype}")
 
 
-def _to_features(row):
-    mask = tf.cast(tf.not_equal(row, PAD_ID), "int32")
-    x = {"token_ids": row[..., :-1], "padding_mask": mask[..., :-1]}
-    y = row[..., 1:]
-    sample_weight = tf.cast(mask[..., 1:], "float32")
+def _append_file_tokens(out, path, tokenizer, dtype, size):
+    """Writes one file's tokens to `out`; returns how many. The file's
+    tokens are freed on return, so one file is in memory at a time."""
+    ids = read_file_tokens(path, tokenizer)
+    if len(ids) and (ids.min() < 0 or ids.max() >= size):
+        raise ValueError(
+            f"Token ids of {path} fall outside [0, {size}): "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+    out.write(ids.astype(dtype).tobytes())
+    return len(ids)
+
+
+def prepare_tokens(files, cache_dir, tokenizer=None):
+    """Tokenizes `files` into one flat token file and memory-maps it.
+
+    Files are read, tokenized and appended one at a time (each followed by
+    `separator_id(tokenizer)`), so memory does not grow with the corpus.
+    The token file, `uint16` (`uint32` past 65536 ids), is named by a hash
+    of the files' absolute paths, sizes and modification times and of the
+    tokenizer, so a rerun on the same corpus reuses it and any change
+    writes a new one (old ones are not deleted). It is written under a
+    temporary name and renamed, so a killed run or a concurrent process
+    never leaves a partial file behind.
+
+    Args:
+        files: list of str. The corpus files, in order.
+        cache_dir: str. Directory of the token files (created if needed).
+        tokenizer: None (bytes) or a keras-hub tokenizer (`load_tokenizer`).
+
+    Returns:
+        A read-only 1-D `np.memmap` of token ids.
+
+    Raises:
+        FileNotFoundError: a file does not exist; the message names it.
+        OSError: a file cannot be read; the message names it.
+        ValueError: the corpus has no tokens.
+    """
+    files = [os.fspath(path) for path in files]
+    path = _cache_path(files, os.path.expanduser(cache_dir), tokenizer)
+    dtype = _token_dtype(tokenizer)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        size = vocabulary_size(tokenizer)
+        temporary = f"{path}.tmp{os.getpid()}"
+        try:
+            num_tokens = 0
+            with open(temporary, "wb") as out:
+                for file in files:
+                    num_tokens += _append_file_tokens(
+                        out, file, tokenizer, dtype, size
+                    )
+            if num_tokens == 0:
+                raise ValueError(
+                    f"The corpus has 0 tokens ({len(files)} files): nothing "
+                    "to train on."
+                )
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# === Batches ===
+
+
+def _mix(z):
+    """splitmix64's finalizer: a bijective hash of uint64 values."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed, pass_index):
+    state = np.random.SeedSequence([seed, pass_index])
+    return state.generate_state(_FEISTEL_ROUNDS, np.uint64)
+
+
+def _permute(q, n, seed, pass_index):
+    """`perm(q)` for a seeded pseudo-random permutation of `range(n)`.
+
+    A balanced Feistel network over `2h`-bit integers (`4**h >= n`) is a
+    permutation of `range(4**h)`; "cycle walking" (apply it again until the
+    value is below `n`) restricts it to a permutation of `range(n)` in
+    fewer than 4 applications on average. O(1) memory, any `n`.
+    """
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half_bits) - 1)
+    keys = _round_keys(seed, pass_index)
+
+    def encrypt(x):
+        left, right = x >> np.uint64(half_bits), x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << np.uint64(half_bits)) | right
+
+    y = encrypt(np.asarray(q, dtype=np.uint64))
+    outside = y >= n
+    while outside.any():
+        y[outside] = encrypt(y[outside])
+        outside = y >= n
+    return y.astype(np.int64)
+
+
+def example_rows(indices, num_rows, seed=0, shuffle=True):
+    """Row of each global example index: `perm_p(g mod N)`, `p = g // N`.
+
+    Args:
+        indices: 1-D int array. Global example indices
+            `g = step * batch_size + j`.
+        num_rows: int. `N`, the rows of the corpus.
+        seed: int. With the pass `p`, seeds each pass's permutation.
+        shuffle: bool. False gives row `g mod N`.
+
+    Returns:
+        An int64 array of row numbers in `[0, N)`, shaped like `indices`.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    passes, rows = np.divmod(indices, num_rows)
+    if not shuffle:
+        return rows
+    for p in np.unique(passes):
+        here = passes == p
+        rows[here] = _permute(rows[here], num_rows, seed, int(p))
+    return rows
+
+
+def _to_features(rows, packing, separator):
+    """`(x, y, sample_weight)` from rows of `T + 1` token ids (b, T + 1)."""
+    token_ids, y = rows[:, :-1], rows[:, 1:]  # (b, T) each
+    ones = tf.ones_like(token_ids)
+    x = {"token_ids": token_ids, "padding_mask": ones}
+    sample_weight = tf.cast(ones, "float32")
+    if packing:
+        # A separator belongs to the file it ends: segments start after it.
+        ends = tf.cast(tf.equal(rows, separator), "int32")  # (b, T + 1)
+        segment_ids = 1 + tf.cumsum(ends, axis=1, exclusive=True)
+        x["segment_ids"] = segment_ids[:, :-1]
+        # No loss for predicting across a boundary: row[i] is a separator.
+        sample_weight = tf.cast(1 - ends[:, :-1], "float32")
     return x, y, sample_weight
 
 
 def make_dataset(
-    files,
+    files_or_tokens,
     sequence_length,
     batch_size,
-    shuffle=True,
     seed=0,
-    repeat=True,
-    shuffle_buffer_size=8192,
+    start_step=0,
+    shuffle=True,
+    packing=False,
+    num_shards=1,
+    shard_index=0,
+    cache_dir=None,
+    tokenizer=None,
 ):
-    """A streaming `tf.data.Dataset` of `(x, y, sample_weight)` batches.
+    """An infinite, resumable `tf.data.Dataset` of `(x, y, sample_weight)`.
 
-    Files are read lazily, one at a time (in a new seeded order on each pass
-    when `shuffle`), and joined with `SEPARATOR_ID` after every file. The
-    token stream is cut into consecutive rows of `sequence_length + 1`
-    tokens; with `shuffle`, rows pass through a buffer of
-    `shuffle_buffer_size` rows, so memory does not grow with the corpus.
+    The tokens (from `prepare_tokens`) are cut into `N = len(tokens) //
+    (sequence_length + 1)` non-overlapping rows, `row r = tokens[r * (T + 1)
+    : (r + 1) * (T + 1)]` (the last `len(tokens) mod (T + 1)` tokens are
+    never used). Global example `g = step * batch_size + j` is row
+    `perm_p(g mod N)` of pass `p = g // N`: every pass visits every row
+    once, in an order drawn from `(seed, p)` (`example_rows`). The dataset is
+    `Dataset.counter(start_step)` mapped through a `tf.numpy_function` that
+    gathers each step's rows from the memory map, then prefetched.
 
-    Shapes are static: `x["token_ids"]`, `x["padding_mask"]` (int32) and `y`
-    (int32) are `(batch_size, sequence_length)`, `sample_weight` (float32)
-    too. A final incomplete row or batch is dropped.
+    Shapes are static: `x["token_ids"]`, `x["padding_mask"]` and `y` are
+    int32 `(batch_size // num_shards, sequence_length)`, `sample_weight` is
+    float32 of the same shape. Rows never contain padding, so
+    `padding_mask` is all ones. Without `packing`, `sample_weight` is all
+    ones too (the separator is an ordinary token). With `packing`,
+    `x["segment_ids"]` (int32) numbers the files inside each row from 1
+    (a separator belongs to the file it ends), and `sample_weight` is 0
+    where `x` holds a separator: the next token starts another file.
 
     Args:
-        files: list of str. The corpus files.
-        sequence_length: int. Tokens per example fed to the model.
-        batch_size: int. Examples per batch.
-        shuffle: bool. Shuffle the file order and the rows.
-        seed: int. Seed of both shuffles; the same seed gives the same
-            batches.
-        repeat: bool. Loop over the files forever (a new order each pass).
-        shuffle_buffer_size: int. Rows held in the shuffle buffer (8192 rows
-            of 129 tokens is 4 MB and mixes about 1 MB of text, so a batch
-            draws from many files rather than the one being read).
+        files_or_tokens: list of str, or a 1-D integer array of token ids
+            (such as `prepare_tokens`' memory map).
+        sequence_length: int. `T`, the tokens per example fed to the model.
+        batch_size: int. Examples per global batch (all shards together).
+        seed: int >= 0. Seed of the row order; same seed, same batches.
+        start_step: int. The first batch is batch `start_step` of the run:
+            pass the number of steps already trained to resume exactly.
+        shuffle: bool. False takes rows in order, `g mod N`.
+        packing: bool. Add `segment_ids`; no loss across file boundaries.
+        num_shards: int. Processes sharing each global batch.
+        shard_index: int in `[0, num_shards)`. This process keeps rows
+            `[i * b / P, (i + 1) * b / P)` of every global batch, so the
+            shards together are exactly the `num_shards=1` batch. With
+            `keras.distribution` across processes, pass
+            `jax.process_count()` and `jax.process_index()` and build the
+            distribution with `auto_shard_dataset=False`.
+        cache_dir: str or None. Where `prepare_tokens` keeps token files;
+            None is `DEFAULT_CACHE_DIR` (`~/.cache/keras_mtp/tokens`).
+        tokenizer: None (bytes) or a keras-hub tokenizer
+            (`load_tokenizer`). Also gives the separator for `packing`.
 
     Returns:
-        A `tf.data.Dataset`.
+        A `tf.data.Dataset` of infinite cardinality.
 
     Raises:
-        ValueError: the corpus has fewer than `sequence_length + 1` tokens.
-        OSError: a file cannot be read (when the dataset reaches it, or at
-            once if it does not exist); the message names it.
+        ValueError: the corpus is shorter than one row (the message gives
+            both lengths), `batch_size` does not divide by `num_shards`, or
+            an argument is out of range.
+        FileNotFoundError: a file does not exist; the message names it.
+        OSError: a file cannot be read; the message names it.
     """
-    files = list(files)
-    if not files:
-        raise ValueError("`files` is empty.")
     if sequence_length < 1 or batch_size < 1:
         raise ValueError(
             "`sequence_length` and `batch_size` must be >= 1. Received: "
             f"sequence_length={sequence_length}, batch_size={batch_size}"
         )
-    row_length = sequence_length + 1
-    # One separator per file. Sizes come from `stat`: nothing is read yet.
-    num_tokens = sum(_file_size(path) + 1 for path in files)
-    if num_tokens < row_length:
+    if num_shards < 1 or batch_size % num_shards:
         raise ValueError(
-            f"The corpus has {num_tokens} tokens ({len(files)} files), fewer "
-            f"than one row of sequence_length + 1 = {row_length} tokens."
+            "`batch_size` must be a multiple of `num_shards` (each shard "
+            f"takes an equal slice). Received: batch_size={batch_size}, "
+            f"num_shards={num_shards}"
         )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            "`shard_index` must be in [0, num_shards). Received: "
+            f"shard_index={shard_index}, num_shards={num_shards}"
+        )
+    if seed < 0 or start_step < 0:
+        raise ValueError(
+            "`seed` and `start_step` must be >= 0. Received: "
+            f"seed={seed}, start_step={start_step}"
+        )
+    if isinstance(files_or_tokens, np.ndarray):
+        tokens = files_or_tokens.reshape(-1)
+    else:
+        if isinstance(files_or_tokens, (str, os.PathLike)):
+            files_or_tokens = [files_or_tokens]
+        cache_dir = DEFAULT_CACHE_DIR if cache_dir is None else cache_dir
+        tokens = prepare_tokens(files_or_tokens, cache_dir, tokenizer)
 
-    dataset = tf.data.Dataset.from_generator(
-        lambda: _rows(files, row_length, shuffle, seed, repeat),
-        output_signature=tf.TensorSpec((row_length,), tf.int32),
-    )
-    if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer_size, seed=seed)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-    dataset = dataset.map(_to_features, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    row_length = sequence_length + 1
+    num_rows = len(tokens) // row_length
+    if num_rows == 0:
+        raise ValueError(
+            f"The corpus has {len(tokens)} tokens, fewer than one row of "
+            f"sequence_length + 1 = {row_length} tokens."
+        )
+    rows = tokens[: num_rows * row_length].reshape(num_rows, row_length)
+    local_batch = batch_size // num_shards
+    offsets = shard_index * local_batch + np.arange(local_batch)
+
+    def gather(step):  # step -> (local_batch, T + 1) token ids
+        indices = int(step) * batch_size + offsets
+        chosen = example_rows(indices, num_rows, seed, shuffle)
+        return rows[chosen].astype(np.int32)
+
+    def to_batch(step):
+        batch = tf.numpy_function(gather, [step], tf.int32, stateful=False)
+        batch.set_shape((local_batch, row_length))
+        return _to_features(batch, packing, separator_id(tokenizer))
+
+    # One background thread: a batch takes about a millisecond to gather, so
+    # more threads (or tf.data's autotuner) would only take CPU from the
+    # model: on 2 cores they cost a few % of the step time (bench_input.py).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    dataset = tf.data.Dataset.counter(start_step).map(to_batch)
+    return dataset.prefetch(2).with_options(options)
