@@ -188,14 +188,21 @@ def embed(token_embedding, token_ids, scale=None, detach=False):
     return x
 
 
-def output_logits(token_embedding, hidden_states, detach=False):
-    """The backbone's output head: the embedding reversed (tied or not)."""
+def head_kernel(token_embedding, detach=False):
+    """The `(d, V)` kernel of the backbone's output head (tied or not)."""
     if token_embedding.tie_weights:
         kernel = ops.transpose(token_embedding.embeddings)
     else:
-        kernel = token_embedding.reverse_embeddings
-    if detach:
-        kernel = ops.stop_gradient(kernel)
+        # A tensor, not the variable (`convert_to_tensor` returns TF's
+        # variable itself): rematerialized functions take the kernel as an
+        # argument, and TF's `recompute_grad` would count a variable twice.
+        kernel = ops.copy(token_embedding.reverse_embeddings)
+    return ops.stop_gradient(kernel) if detach else kernel
+
+
+def apply_head(token_embedding, hidden_states, kernel):
+    """Logits of `hidden_states` through `kernel`, as the embedding reversed
+    computes them (its `reverse_dtype` and `logit_soft_cap`)."""
     dtype = token_embedding.reverse_dtype or hidden_states.dtype
     logits = ops.matmul(ops.cast(hidden_states, dtype), ops.cast(kernel, dtype))
     cap = token_embedding.logit_soft_cap

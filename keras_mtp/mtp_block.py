@@ -42,6 +42,10 @@ class MTPBlock(keras.layers.Layer):
         embedding_scale: float or None. Factor on the token embeddings (the
             backbone's own, e.g. `sqrt(d)` for Gemma).
         layer_norm_epsilon: float. Epsilon of the MTP input RMSNorms.
+        loss_chunk_size: int or None. If set, each depth's loss is computed
+            over chunks of this many tokens with rematerialization, so no
+            `(B, T, V)` logits tensor lives (for large vocabularies). Same
+            value and gradients as the dense loss.
         **kwargs: base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -84,6 +88,7 @@ class MTPBlock(keras.layers.Layer):
         detach_trunk=False,
         embedding_scale=None,
         layer_norm_epsilon=1e-6,
+        loss_chunk_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,12 +102,20 @@ class MTPBlock(keras.layers.Layer):
                 f"`num_layers` must be an int >= 1. Received: {num_layers!r}"
             )
         check_loss_scaling_factor(loss_scaling_factor)
+        if loss_chunk_size is not None and (
+            not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
+        ):
+            raise ValueError(
+                "`loss_chunk_size` must be None or an int >= 1. Received: "
+                f"loss_chunk_size={loss_chunk_size!r}"
+            )
         # === Config ===
         self.num_layers = num_layers
         self.loss_scaling_factor = float(loss_scaling_factor)
         self.detach_trunk = bool(detach_trunk)
         self.embedding_scale = embedding_scale
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.loss_chunk_size = loss_chunk_size
 
         # === Layers ===
         self.token_embedding = token_embedding
@@ -164,6 +177,13 @@ class MTPBlock(keras.layers.Layer):
         hidden = hidden_states  # (B, T, d)
         if self.detach_trunk:
             hidden = ops.stop_gradient(hidden)
+        kernel = backbones.head_kernel(
+            self.token_embedding, detach=self.detach_trunk
+        )
+
+        def head(h, kernel):  # the shared output head
+            return backbones.apply_head(self.token_embedding, h, kernel)
+
         losses, accuracies = [], []
         for k, layer in enumerate(self.mtp_layers, start=1):
             shifted_ids = mtp_ops.roll_and_mask(token_ids, -k)  # x[i + k]
@@ -176,16 +196,24 @@ class MTPBlock(keras.layers.Layer):
             hidden, normed = layer(
                 hidden, embeddings, padding_mask, training=training
             )
-            logits = backbones.output_logits(
-                self.token_embedding, normed, detach=self.detach_trunk
-            )  # (B, T, V)
             targets, weights = mtp_ops.mtp_targets_and_weights(
                 token_ids, padding_mask, k, segment_ids
             )
-            losses.append(
-                mtp_ops.masked_cross_entropy(logits, targets, weights)
-            )
-            accuracies.append(mtp_ops.masked_accuracy(logits, targets, weights))
+            if self.loss_chunk_size:
+                loss, accuracy = mtp_ops.chunked_cross_entropy(
+                    normed,
+                    kernel,
+                    targets,
+                    weights,
+                    self.loss_chunk_size,
+                    head=head,
+                )
+            else:
+                logits = head(normed, kernel)  # (B, T, V)
+                loss = mtp_ops.masked_cross_entropy(logits, targets, weights)
+                accuracy = mtp_ops.masked_accuracy(logits, targets, weights)
+            losses.append(loss)
+            accuracies.append(accuracy)
         losses = ops.stack(losses)  # (D,)
         self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
         self.depth_losses.assign(
@@ -215,6 +243,7 @@ class MTPBlock(keras.layers.Layer):
                 "detach_trunk": self.detach_trunk,
                 "embedding_scale": self.embedding_scale,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "loss_chunk_size": self.loss_chunk_size,
             }
         )
         return config

@@ -39,6 +39,10 @@ class MTPCausalLM(keras.Model):
             `keras_mtp.callbacks.MTPLossScheduler`) at any time, no recompile.
         mtp_detach_trunk: bool. If True, the MTP loss trains only the MTP
             layers: no gradient of it reaches the backbone, embedding or head.
+        mtp_loss_chunk_size: int or None. Compute each MTP head's loss over
+            chunks of this many tokens with rematerialization, so no
+            `(B, T, V)` logits tensor lives for the MTP heads (large
+            vocabularies). Same loss and gradients as without.
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
@@ -69,6 +73,7 @@ class MTPCausalLM(keras.Model):
         mtp_num_layers=1,
         mtp_loss_scaling_factor=0.1,
         mtp_detach_trunk=False,
+        mtp_loss_chunk_size=None,
         **kwargs,
     ):
         backbones.check_backbone(backbone)
@@ -85,6 +90,7 @@ class MTPCausalLM(keras.Model):
         self.mtp_num_layers = mtp_num_layers
         self.initial_mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
         self.mtp_detach_trunk = bool(mtp_detach_trunk)
+        self.mtp_loss_chunk_size = mtp_loss_chunk_size
 
         # === Layers ===
         self.backbone = backbone
@@ -99,6 +105,7 @@ class MTPCausalLM(keras.Model):
                 detach_trunk=mtp_detach_trunk,
                 embedding_scale=backbones.embedding_scale(backbone),
                 layer_norm_epsilon=backbones.layer_norm_epsilon(backbone),
+                loss_chunk_size=mtp_loss_chunk_size,
                 dtype=self.dtype_policy,
                 name="mtp_block",
             )
@@ -245,6 +252,7 @@ class MTPCausalLM(keras.Model):
                 "mtp_num_layers": self.mtp_num_layers,
                 "mtp_loss_scaling_factor": self.initial_mtp_loss_scaling_factor,
                 "mtp_detach_trunk": self.mtp_detach_trunk,
+                "mtp_loss_chunk_size": self.mtp_loss_chunk_size,
             }
         )
         return config

@@ -399,3 +399,24 @@ def test_fit_on_keras_hub_preprocessor_output():
     history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0).history
     assert history["loss"][1] < history["loss"][0]
     assert np.isfinite(history["mtp_loss_2"]).all()
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_chunked_mtp_loss_matches_dense(detach):
+    kwargs = dict(mtp_detach_trunk=detach, mtp_loss_scaling_factor=1.0)
+    dense = make_model(**kwargs)
+    chunked = make_model(mtp_loss_chunk_size=7, **kwargs)  # 48 = 6·7 + 6
+    chunked.set_weights(dense.get_weights())
+    x, _, _ = make_batch(pad_last=3)
+    losses = [
+        np_(m.mtp_block(m.backbone(x), x["token_ids"], x["padding_mask"]))
+        for m in (dense, chunked)
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
+    grads = [aux_loss_gradients(m, x) for m in (dense, chunked)]
+    assert list(grads[0]) == list(grads[1])
+    for path in grads[0]:
+        np.testing.assert_allclose(
+            grads[1][path], grads[0][path], atol=1e-5, err_msg=path
+        )
+    assert chunked.get_config()["mtp_loss_chunk_size"] == 7

@@ -136,3 +136,59 @@ def test_empty_mask_gives_zero_not_nan():
     loss = np_(mtp_ops.masked_cross_entropy(logits, zero.astype(int), zero))
     assert loss == 0.0
     assert np_(mtp_ops.masked_accuracy(logits, zero.astype(int), zero)) == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [5, 8, 24, 100])
+def test_chunked_cross_entropy_equals_dense(chunk_size):
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 8, 6)).astype("float32")
+    kernel = rng.normal(size=(6, 11)).astype("float32")
+    targets = rng.integers(0, 11, size=(3, 8))
+    weights = rng.integers(0, 2, size=(3, 8)).astype("float32")
+
+    def dense(h, k):
+        logits = ops.matmul(h, k)
+        return (
+            mtp_ops.masked_cross_entropy(logits, targets, weights),
+            mtp_ops.masked_accuracy(logits, targets, weights),
+        )
+
+    def chunked(h, k):
+        return mtp_ops.chunked_cross_entropy(h, k, targets, weights, chunk_size)
+
+    for a, b in zip(dense(hidden, kernel), chunked(hidden, kernel)):
+        np.testing.assert_allclose(np_(a), np_(b), atol=1e-6)
+    for index in (0, 1):  # gradients w.r.t. the hidden states and the head
+        grads = [
+            value_and_grad(lambda h, k: fn(h, k)[0], hidden, kernel, index)
+            for fn in (dense, chunked)
+        ]
+        np.testing.assert_allclose(grads[0][0], grads[1][0], atol=1e-6)
+        np.testing.assert_allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def value_and_grad(fn, hidden, kernel, index):
+    """(value, gradient w.r.t. argument `index`) on the active backend."""
+    if keras.config.backend() == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(fn, argnums=index)(hidden, kernel)
+        return np.asarray(value), np.asarray(grad)
+    import tensorflow as tf
+
+    args = [tf.constant(hidden), tf.constant(kernel)]
+    with tf.GradientTape() as tape:
+        tape.watch(args[index])
+        value = fn(*args)
+    return value.numpy(), tape.gradient(value, args[index]).numpy()
+
+
+def test_chunked_cross_entropy_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size"):
+        mtp_ops.chunked_cross_entropy(
+            np.zeros((1, 2, 3)),
+            np.zeros((3, 4)),
+            np.zeros((1, 2)),
+            np.zeros((1, 2)),
+            0,
+        )
