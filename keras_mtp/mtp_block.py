@@ -184,36 +184,48 @@ class MTPBlock(keras.layers.Layer):
         def head(h, kernel):  # the shared output head
             return backbones.apply_head(self.token_embedding, h, kernel)
 
-        losses, accuracies = [], []
-        for k, layer in enumerate(self.mtp_layers, start=1):
-            shifted_ids = mtp_ops.roll_and_mask(token_ids, -k)  # x[i + k]
-            embeddings = backbones.embed(
-                self.token_embedding,
-                shifted_ids,
-                scale=self.embedding_scale,
-                detach=self.detach_trunk,
-            )  # (B, T, d)
-            hidden, normed = layer(
-                hidden, embeddings, padding_mask, training=training
+        depths = range(1, self.num_layers + 1)
+        # One lookup for every depth (x[i + k], 0 id beyond the end), so the
+        # embedding's gradient is one (V, d) scatter, not one per depth.
+        shifted_ids = ops.stack(
+            [mtp_ops.roll_and_mask(token_ids, -k) for k in depths]
+        )  # (D, B, T)
+        embeddings = backbones.embed(
+            self.token_embedding,
+            shifted_ids,
+            scale=self.embedding_scale,
+            detach=self.detach_trunk,
+        )  # (D, B, T, d)
+        normed = []
+        for k, layer in zip(depths, self.mtp_layers):
+            hidden, hidden_normed = layer(
+                hidden, embeddings[k - 1], padding_mask, training=training
             )
-            targets, weights = mtp_ops.mtp_targets_and_weights(
-                token_ids, padding_mask, k, segment_ids
-            )
-            if self.loss_chunk_size:
-                loss, accuracy = mtp_ops.chunked_cross_entropy(
-                    normed,
-                    kernel,
-                    targets,
-                    weights,
-                    self.loss_chunk_size,
-                    head=head,
+            normed.append(hidden_normed)  # Norm_k(h^k), (B, T, d)
+        targets, weights = zip(
+            *(
+                mtp_ops.mtp_targets_and_weights(
+                    token_ids, padding_mask, k, segment_ids
                 )
-            else:
-                logits = head(normed, kernel)  # (B, T, V)
-                loss = mtp_ops.masked_cross_entropy(logits, targets, weights)
-                accuracy = mtp_ops.masked_accuracy(logits, targets, weights)
-            losses.append(loss)
-            accuracies.append(accuracy)
+                for k in depths
+            )
+        )
+        if self.loss_chunk_size:
+            # All depths in one chunked pass: one (d, V) head gradient.
+            losses, accuracies = mtp_ops.chunked_cross_entropy(
+                ops.stack(normed),
+                kernel,
+                ops.stack(targets),
+                ops.stack(weights),
+                self.loss_chunk_size,
+                head=head,
+            )
+        else:
+            losses, accuracies = [], []
+            for h, t, w in zip(normed, targets, weights):
+                logits = head(h, kernel)  # (B, T, V)
+                losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
+                accuracies.append(mtp_ops.masked_accuracy(logits, t, w))
         losses = ops.stack(losses)  # (D,)
         self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
         self.depth_losses.assign(

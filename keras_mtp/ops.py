@@ -120,43 +120,47 @@ def masked_accuracy(logits, targets, weights):
 def chunked_cross_entropy(
     hidden_states, kernel, targets, weights, chunk_size, head=None
 ):
-    """`masked_cross_entropy` and `masked_accuracy` of the logits
+    """Per-group `masked_cross_entropy` and `masked_accuracy` of the logits
     `head(hidden_states, kernel)`, computed `chunk_size` tokens at a time.
 
     Each chunk's logits are made, reduced to two sums and dropped; the
     backward pass recomputes them (`keras.remat`), so no `(B, T, V)` logits
-    tensor ever lives: peak memory holds one chunk's `(chunk_size, V)`.
-    Equal to the dense computation up to float32 summation order.
+    tensor ever lives: peak memory holds one chunk's `(chunk_size, V)`. All
+    groups (the MTP depths) go through one loop, so the head's gradient
+    accumulates in one `(d, V)` buffer. Equal to the dense computation up to
+    float32 summation order.
 
     Args:
-        hidden_states: float tensor `(B, T, d)`.
+        hidden_states: float tensor `(G, ..., d)`: `G` groups of tokens.
         kernel: float tensor `(d, V)`, the output head's kernel. It is an
             explicit argument of the rematerialized function, so every
             backend differentiates it (TensorFlow's `recompute_grad` drops
             the gradients of tensors a function only captures).
-        targets: int tensor `(B, T)`.
-        weights: float tensor `(B, T)` of 0/1 loss weights.
-        chunk_size: int >= 1. Tokens per chunk; the last chunk is padded
-            with zero-weight tokens.
+        targets: int tensor `(G, ...)`.
+        weights: float tensor `(G, ...)` of 0/1 loss weights.
+        chunk_size: int >= 1. Tokens per chunk; each group is padded with
+            zero-weight tokens to whole chunks.
         head: callable `(hidden (n, d), kernel) -> logits (n, V)`; defaults
             to `matmul`.
 
     Returns:
-        `(loss, accuracy)`, float32 scalars.
+        `(losses, accuracies)`, float32 tensors `(G,)`.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"`chunk_size` must be an int >= 1. Received: {chunk_size!r}"
         )
     head = head or ops.matmul
-    dim = hidden_states.shape[-1]
-    hidden = ops.reshape(hidden_states, (-1, dim))  # (N, d)
-    targets = ops.reshape(ops.cast(targets, "int32"), (-1,))
-    weights = ops.reshape(ops.cast(weights, "float32"), (-1,))
-    pad = (-ops.shape(hidden)[0]) % chunk_size
-    hidden = ops.pad(hidden, [[0, pad], [0, 0]])
-    targets = ops.pad(targets, [[0, pad]])
-    weights = ops.pad(weights, [[0, pad]])
+    groups, dim = hidden_states.shape[0], hidden_states.shape[-1]
+    hidden = ops.reshape(hidden_states, (groups, -1, dim))  # (G, N, d)
+    # Float ids (exact below 2^24) keep TF's recompute_grad from warning
+    # about watching an int tensor.
+    targets = ops.reshape(ops.cast(targets, "float32"), (groups, -1))
+    weights = ops.reshape(ops.cast(weights, "float32"), (groups, -1))
+    pad = (-ops.shape(hidden)[1]) % chunk_size
+    hidden = ops.pad(hidden, [[0, 0], [0, pad], [0, 0]])
+    targets = ops.pad(targets, [[0, 0], [0, pad]])
+    weights = ops.pad(weights, [[0, 0], [0, pad]])
 
     @keras.remat
     def chunk_sums(hidden, targets, weights, kernel):
@@ -167,14 +171,12 @@ def chunked_cross_entropy(
         hits = ops.cast(predictions == targets, "float32")
         return ops.stack([ops.sum(ce * weights), ops.sum(hits * weights)])
 
-    chunks = (
+    chunks = (  # group-major, so each chunk holds one group's tokens
         ops.reshape(hidden, (-1, chunk_size, dim)),
-        # Float ids (exact below 2^24) keep TF's recompute_grad from
-        # warning about watching an int tensor.
-        ops.reshape(ops.cast(targets, "float32"), (-1, chunk_size)),
+        ops.reshape(targets, (-1, chunk_size)),
         ops.reshape(weights, (-1, chunk_size)),
     )
     sums = ops.map(lambda chunk: chunk_sums(*chunk, kernel), chunks)
-    sums = ops.sum(sums, axis=0)  # (2,)
-    count = ops.maximum(ops.sum(weights), 1.0)
-    return sums[0] / count, sums[1] / count
+    sums = ops.sum(ops.reshape(sums, (groups, -1, 2)), axis=1)  # (G, 2)
+    count = ops.maximum(ops.sum(weights, axis=1), 1.0)  # (G,)
+    return sums[:, 0] / count, sums[:, 1] / count

@@ -153,8 +153,11 @@ def test_chunked_cross_entropy_equals_dense(chunk_size):
             mtp_ops.masked_accuracy(logits, targets, weights),
         )
 
-    def chunked(h, k):
-        return mtp_ops.chunked_cross_entropy(h, k, targets, weights, chunk_size)
+    def chunked(h, k):  # one group
+        losses, accuracies = mtp_ops.chunked_cross_entropy(
+            h[None], k, targets[None], weights[None], chunk_size
+        )
+        return losses[0], accuracies[0]
 
     for a, b in zip(dense(hidden, kernel), chunked(hidden, kernel)):
         np.testing.assert_allclose(np_(a), np_(b), atol=1e-6)
