@@ -1,0 +1,83 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_train.py")
+
+ROW_FIELDS = {
+    "config",
+    "vocab",
+    "depth",
+    "params",
+    "median_wall_ms",
+    "median_cpu_ms",
+    "tokens_per_s",
+    "wall_ms_per_round",
+    "cpu_ms_per_round",
+    "cpu_ratio",
+    "wall_ratio",
+    "predicted_ratio",
+    "cpu_ratio_over_predicted",
+    "train_step_temp_mib",
+}
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path):
+    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
+        pytest.skip("the benchmark runs on JAX; the JAX test leg runs it")
+    out = tmp_path / "results.json"
+    command = [sys.executable, SCRIPT, "--quick", "--out", str(out)]
+    # The optional paths too, where this checkout has them.
+    reference = os.path.exists(
+        os.path.join(ROOT, "benchmarks", "reference_jax.py")
+    )
+    if reference:
+        command.append("--reference")
+    command += ["--chunk", "16"]  # ignored, with a warning, if unsupported
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    # One step function per process: the 8 virtual devices of conftest.py
+    # would only slow the smoke run down.
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| V=64 D=1 |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["config"]["quick"] is True
+    assert result["config"]["reference"] is reference
+    assert {"date", "cpu_count", "jax"} <= set(result["machine"])
+    rows = result["rows"]
+    assert [(r["vocab"], r["depth"]) for r in rows] == [
+        (64, 0),
+        (64, 1),
+        (512, 0),
+        (512, 1),
+    ]
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["median_wall_ms"] > 0 and row["median_cpu_ms"] > 0
+        assert len(row["cpu_ms_per_round"]) == result["config"]["rounds"]
+        assert row["train_step_temp_mib"] > 0
+        if reference:
+            assert row["reference_median_cpu_ms"] > 0
+            assert row["keras_over_reference_cpu"] > 0
+    base = [r for r in rows if r["depth"] == 0]
+    assert all(r["cpu_ratio"] == 1.0 for r in base)
+    assert all(r["predicted_ratio"] == 1.0 for r in base)
+    # An MTP depth adds weights and XLA temp memory: deterministic, unlike
+    # the times of a smoke run.
+    for d0, d1 in zip(rows[0::2], rows[1::2]):
+        assert d1["params"] > d0["params"]
+        assert d1["train_step_temp_mib"] > d0["train_step_temp_mib"]
+        assert d1["predicted_ratio"] > 1.0
