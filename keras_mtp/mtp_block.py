@@ -226,13 +226,14 @@ class MTPBlock(keras.layers.Layer):
                 logits = head(h, kernel)  # (B, T, V)
                 losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
                 accuracies.append(mtp_ops.masked_accuracy(logits, t, w))
-        losses = ops.stack(losses)  # (D,)
+            losses, accuracies = ops.stack(losses), ops.stack(accuracies)
+        # losses, accuracies: (D,)
         self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
         self.depth_losses.assign(
             ops.cast(ops.stop_gradient(losses), self.depth_losses.dtype)
         )
         self.depth_accuracies.assign(
-            ops.cast(ops.stack(accuracies), self.depth_accuracies.dtype)
+            ops.cast(accuracies, self.depth_accuracies.dtype)
         )
         return losses
 
