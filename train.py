@@ -71,6 +71,11 @@ class Config:
     mtp_schedule_switch: float = knob(
         0.7, "Fraction of the steps after which the deepseek λ drops."
     )
+    loss_chunk_size: typing.Optional[int] = knob(
+        None,
+        "Compute every head's loss in chunks of this many tokens (no "
+        "(B, T, V) logits: large vocabularies).",
+    )
     # data
     data: typing.Optional[str] = knob(
         None, "Corpus directory or glob; None = the Python stdlib .py files."
@@ -240,6 +245,7 @@ def build_model(config, vocabulary_size):
             if config.mtp_schedule == "deepseek"
             else config.mtp_loss_scaling_factor
         ),
+        loss_chunk_size=config.loss_chunk_size,
     )
     warmup = min(config.warmup_steps, config.steps - 1)
     learning_rate = keras.optimizers.schedules.CosineDecay(

@@ -23,7 +23,7 @@ predicted ratio `1 + overhead(D)`. It also reports XLA's temp memory of the
 compiled train step (deterministic: `memory_analysis()` of the same
 `jax.jit(model.train_step)` the Keras trainer runs: forward, backward, Adam).
 
-`--chunk N` passes `mtp_loss_chunk_size=N` to `MTPCausalLM` (D > 0) when the
+`--chunk N` passes `loss_chunk_size=N` to `MTPCausalLM` (every D) when the
 installed version takes it. `--reference` also times the plain JAX + optax
 model of `benchmarks/reference_jax.py` (same configs, weights, batch and
 Adam), interleaved with the Keras steps, and reports keras_mtp / plain JAX.
@@ -77,9 +77,9 @@ QUICK = Sizes(
 
 
 def chunk_supported():
-    """Whether the installed `MTPCausalLM` takes `mtp_loss_chunk_size`."""
+    """Whether the installed `MTPCausalLM` takes `loss_chunk_size`."""
     parameters = inspect.signature(keras_mtp.MTPCausalLM.__init__).parameters
-    return "mtp_loss_chunk_size" in parameters
+    return "loss_chunk_size" in parameters
 
 
 def make_model(sizes, vocab, depth, chunk=None):
@@ -94,8 +94,8 @@ def make_model(sizes, vocab, depth, chunk=None):
         dropout=0.0,
     )
     kwargs = {}
-    if chunk is not None and depth > 0:
-        kwargs["mtp_loss_chunk_size"] = chunk
+    if chunk is not None:
+        kwargs["loss_chunk_size"] = chunk
     model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=depth, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
     return model
@@ -199,7 +199,7 @@ def run(args):
     chunk = args.chunk
     if chunk is not None and not chunk_supported():
         print(
-            "warning: this MTPCausalLM has no `mtp_loss_chunk_size`; "
+            "warning: this MTPCausalLM has no `loss_chunk_size`; "
             "--chunk ignored",
             file=sys.stderr,
         )
@@ -326,7 +326,7 @@ def run(args):
             steps_per_round=args.steps,
             warmup_steps=args.warmup,
             optimizer=f"Adam({LEARNING_RATE})",
-            mtp_loss_chunk_size=chunk,
+            loss_chunk_size=chunk,
             reference=reference is not None,
             quick=args.quick,
         ),
@@ -404,7 +404,7 @@ def main(argv=None):
         "--chunk",
         type=int,
         default=None,
-        help="mtp_loss_chunk_size, if this MTPCausalLM takes it",
+        help="loss_chunk_size, if this MTPCausalLM takes it",
     )
     parser.add_argument(
         "--reference",
@@ -431,7 +431,7 @@ def main(argv=None):
         f"\nGPT2Backbone d={c['hidden_dim']} L={c['num_layers']} "
         f"f={c['intermediate_dim']} T={c['sequence_length']} "
         f"batch={c['batch_size']}, {c['optimizer']}, "
-        f"mtp_loss_chunk_size={c['mtp_loss_chunk_size']}; medians of "
+        f"loss_chunk_size={c['loss_chunk_size']}; medians of "
         f"{c['rounds']} rounds x {c['steps_per_round']} steps; ratios to "
         f"D=0 at the same V (median of paired rounds)\n"
         f"{m['date']}, {m['processor']}, {m['cpu_count']} CPUs, JAX "

@@ -189,14 +189,18 @@ def embed(token_embedding, token_ids, scale=None, detach=False):
 
 
 def head_kernel(token_embedding, detach=False):
-    """The `(d, V)` kernel of the backbone's output head (tied or not)."""
+    """The output head's kernel as stored: the `(V, d)` embedding table when
+    tied, the `(d, V)` reverse embeddings when not; `apply_head` reads
+    either without transposing (no `(d, V)` copy, nor one of its gradient).
+    """
     if token_embedding.tie_weights:
-        kernel = ops.transpose(token_embedding.embeddings)
+        kernel = token_embedding.embeddings
     else:
-        # A tensor, not the variable (`convert_to_tensor` returns TF's
-        # variable itself): rematerialized functions take the kernel as an
-        # argument, and TF's `recompute_grad` would count a variable twice.
-        kernel = ops.copy(token_embedding.reverse_embeddings)
+        kernel = token_embedding.reverse_embeddings
+    # A tensor, not the variable (`convert_to_tensor` returns TF's variable
+    # itself): rematerialized functions take the kernel as an argument, and
+    # TF's `recompute_grad` would count a variable twice.
+    kernel = ops.copy(kernel)
     return ops.stop_gradient(kernel) if detach else kernel
 
 
@@ -204,7 +208,12 @@ def apply_head(token_embedding, hidden_states, kernel):
     """Logits of `hidden_states` through `kernel`, as the embedding reversed
     computes them (its `reverse_dtype` and `logit_soft_cap`)."""
     dtype = token_embedding.reverse_dtype or hidden_states.dtype
-    logits = ops.matmul(ops.cast(hidden_states, dtype), ops.cast(kernel, dtype))
+    hidden_states = ops.cast(hidden_states, dtype)
+    kernel = ops.cast(kernel, dtype)
+    if token_embedding.tie_weights:  # kernel (V, d)
+        logits = ops.einsum("...d,vd->...v", hidden_states, kernel)
+    else:  # kernel (d, V)
+        logits = ops.matmul(hidden_states, kernel)
     cap = token_embedding.logit_soft_cap
     if cap is not None:
         logits = ops.tanh(logits / cap) * cap

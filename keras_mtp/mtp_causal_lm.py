@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_mtp import backbones
+from keras_mtp import ops as mtp_ops
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
 from keras_mtp.mtp_block import check_loss_scaling_factor
@@ -39,10 +40,16 @@ class MTPCausalLM(keras.Model):
             `keras_mtp.callbacks.MTPLossScheduler`) at any time, no recompile.
         mtp_detach_trunk: bool. If True, the MTP loss trains only the MTP
             layers: no gradient of it reaches the backbone, embedding or head.
-        mtp_loss_chunk_size: int or None. Compute each MTP head's loss over
-            chunks of this many tokens with rematerialization, so no
-            `(B, T, V)` logits tensor lives for the MTP heads (large
-            vocabularies). Same loss and gradients as without.
+        loss_chunk_size: int or None. In `fit` and `evaluate`, compute every
+            head's loss (main and MTP) over chunks of this many tokens with
+            rematerialization, so no `(B, T, V)` logits tensor lives (large
+            vocabularies). Same losses, accuracies and gradients as without.
+            The main loss is then the default sparse cross-entropy weighted
+            by `sample_weight` and its accuracy is logged as
+            `sparse_categorical_accuracy`, both computed from the backbone's
+            hidden states: compile with `loss="auto"` and leave
+            `weighted_metrics="auto"` (a metric that reads `y_pred` would
+            bring the full logits back).
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
@@ -73,10 +80,17 @@ class MTPCausalLM(keras.Model):
         mtp_num_layers=1,
         mtp_loss_scaling_factor=0.1,
         mtp_detach_trunk=False,
-        mtp_loss_chunk_size=None,
+        loss_chunk_size=None,
         **kwargs,
     ):
         backbones.check_backbone(backbone)
+        if loss_chunk_size is not None and (
+            not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
+        ):
+            raise ValueError(
+                "`loss_chunk_size` must be None or an int >= 1. Received: "
+                f"loss_chunk_size={loss_chunk_size!r}"
+            )
         if not isinstance(mtp_num_layers, int) or mtp_num_layers < 0:
             raise ValueError(
                 "`mtp_num_layers` must be an int >= 0. Received: "
@@ -90,7 +104,7 @@ class MTPCausalLM(keras.Model):
         self.mtp_num_layers = mtp_num_layers
         self.initial_mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
         self.mtp_detach_trunk = bool(mtp_detach_trunk)
-        self.mtp_loss_chunk_size = mtp_loss_chunk_size
+        self.loss_chunk_size = loss_chunk_size
 
         # === Layers ===
         self.backbone = backbone
@@ -105,7 +119,7 @@ class MTPCausalLM(keras.Model):
                 detach_trunk=mtp_detach_trunk,
                 embedding_scale=backbones.embedding_scale(backbone),
                 layer_norm_epsilon=backbones.layer_norm_epsilon(backbone),
-                loss_chunk_size=mtp_loss_chunk_size,
+                loss_chunk_size=loss_chunk_size,
                 dtype=self.dtype_policy,
                 name="mtp_block",
             )
@@ -126,7 +140,14 @@ class MTPCausalLM(keras.Model):
             keras.metrics.Mean(name=f"mtp_accuracy_{k}")
             for k in range(1, mtp_num_layers + 1)
         ]
+        self.main_accuracy_tracker = None
+        if loss_chunk_size:
+            # Computed in the chunked pass; the name of Keras' metric.
+            self.main_accuracy_tracker = keras.metrics.Mean(
+                name="sparse_categorical_accuracy"
+            )
         self._mtp_in_evaluate = False
+        self._loss_hidden = None  # the main head's input, in chunked steps
         self.built = True
 
     @property
@@ -167,7 +188,12 @@ class MTPCausalLM(keras.Model):
         # Keras' Embedding turns autocast off inside a mixed-precision model,
         # so its reverse matmul runs in float32; give the policy's dtype back.
         logits = ops.cast(logits, self.compute_dtype)
-        if self.mtp_block is not None and (training or self._mtp_in_evaluate):
+        in_step = training or self._mtp_in_evaluate
+        if self.loss_chunk_size and in_step:
+            # `compute_loss` of this same step reads it; the logits returned
+            # below are then unused, and XLA drops them.
+            self._loss_hidden = hidden
+        if self.mtp_block is not None and in_step:
             self.mtp_block(
                 hidden,
                 token_ids,
@@ -203,6 +229,18 @@ class MTPCausalLM(keras.Model):
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
+        if self.loss_chunk_size:
+            if not (
+                loss in ("auto", None) or isinstance(loss, SparseCrossEntropy)
+            ):
+                raise ValueError(
+                    "A model with `loss_chunk_size` computes its main loss "
+                    "from hidden states in chunks: compile it with "
+                    f'loss="auto". Received: loss={loss!r}'
+                )
+            loss = None
+            if weighted_metrics == "auto":
+                weighted_metrics = None  # accuracy comes from the chunks
         if loss == "auto":
             loss = SparseCrossEntropy()
         if weighted_metrics == "auto":
@@ -226,7 +264,9 @@ class MTPCausalLM(keras.Model):
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         main_loss = ops.zeros((), "float32")
-        if self._compile_loss is not None:
+        if self._loss_hidden is not None:
+            main_loss = self._chunked_main_loss(y, sample_weight)
+        elif self._compile_loss is not None:
             compiled = self._compile_loss(y, y_pred, sample_weight)
             if compiled is not None:
                 main_loss = ops.cast(compiled, "float32")
@@ -244,6 +284,31 @@ class MTPCausalLM(keras.Model):
                 self.mtp_depth_accuracy_trackers[k].update_state(accuracies[k])
         return total
 
+    def _chunked_main_loss(self, y, sample_weight):
+        """The default compiled loss and accuracy, one chunk at a time."""
+        hidden, self._loss_hidden = self._loss_hidden, None
+        if y is None:
+            raise ValueError(
+                "A model with `loss_chunk_size` needs targets `y` in `fit` "
+                "and `evaluate`. Received: y=None"
+            )
+        if sample_weight is None:
+            sample_weight = ops.ones(ops.shape(y), "float32")
+        embedding = self.backbone.token_embedding
+        losses, accuracies = mtp_ops.chunked_cross_entropy(
+            hidden[None],
+            backbones.head_kernel(embedding),
+            y[None],
+            sample_weight[None],
+            self.loss_chunk_size,
+            head=lambda h, kernel: backbones.apply_head(embedding, h, kernel),
+        )
+        weight = ops.sum(ops.cast(sample_weight, "float32"))
+        self.main_accuracy_tracker.update_state(accuracies[0], weight)
+        # `SparseCrossEntropy`'s reduction: sum(w · CE) / (B · T).
+        tokens = ops.cast(ops.size(y), "float32")
+        return losses[0] * ops.maximum(weight, 1.0) / tokens
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -252,7 +317,7 @@ class MTPCausalLM(keras.Model):
                 "mtp_num_layers": self.mtp_num_layers,
                 "mtp_loss_scaling_factor": self.initial_mtp_loss_scaling_factor,
                 "mtp_detach_trunk": self.mtp_detach_trunk,
-                "mtp_loss_chunk_size": self.mtp_loss_chunk_size,
+                "loss_chunk_size": self.loss_chunk_size,
             }
         )
         return config

@@ -132,10 +132,11 @@ def chunked_cross_entropy(
 
     Args:
         hidden_states: float tensor `(G, ..., d)`: `G` groups of tokens.
-        kernel: float tensor `(d, V)`, the output head's kernel. It is an
-            explicit argument of the rematerialized function, so every
-            backend differentiates it (TensorFlow's `recompute_grad` drops
-            the gradients of tensors a function only captures).
+        kernel: float tensor, the output head's kernel (`(d, V)` for the
+            default `head`). It is an explicit argument of the
+            rematerialized function, so every backend differentiates it
+            (TensorFlow's `recompute_grad` drops the gradients of tensors a
+            function only captures).
         targets: int tensor `(G, ...)`.
         weights: float tensor `(G, ...)` of 0/1 loss weights.
         chunk_size: int >= 1. Tokens per chunk; each group is padded with

@@ -29,29 +29,24 @@ def temp_bytes(mtp_num_layers, chunk=None, num_layers=L):
         dropout=0.0,
     )
     model = keras_mtp.MTPCausalLM(
-        backbone, mtp_num_layers=mtp_num_layers, mtp_loss_chunk_size=chunk
+        backbone, mtp_num_layers=mtp_num_layers, loss_chunk_size=chunk
     )
     model.compile(optimizer="adam")
+    model.optimizer.build(model.trainable_variables)
     x = {
         "token_ids": np.ones((B, T), "int32"),
         "padding_mask": np.ones((B, T), "int32"),
     }
     y, w = np.ones((B, T), "int32"), np.ones((B, T), "float32")
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def loss(trainable, non_trainable, x, y, w):
-        y_pred, _, losses = model.stateless_call(
-            trainable, non_trainable, x, training=True, return_losses=True
-        )
-        main = keras_mtp.SparseCrossEntropy()(y, y_pred, w)
-        return main + sum(losses)
-
-    compiled = (
-        jax.jit(jax.value_and_grad(loss))
-        .lower(trainable, non_trainable, x, y, w)
-        .compile()
+    # The step `fit` jits: forward, backward, Adam and metrics.
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
     )
+    step = jax.jit(model.train_step, donate_argnums=0)
+    compiled = step.lower(state, (x, y, w)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -60,18 +55,28 @@ def budget():
     base = temp_bytes(0)
     return {
         "base": base,
+        "chunked_base": temp_bytes(0, chunk=256),
         "logits": B * T * V * 4,  # one head's float32 logits: 268 MB
-        # One more backbone block's activations (75.5 MB here).
+        "kernel": V * 256 * 4,  # the head's (d, V) gradient: 33.5 MB
+        # One more backbone block's activations (76.6 MB here).
         "block": temp_bytes(0, num_layers=L + 1) - base,
     }
 
 
-def test_chunked_heads_add_only_block_activations(budget):
-    # Measured 2026-11-29: +94 MB for D=1, +296 MB for D=4 (one block is
-    # 75.5 MB); without chunking +130 MB and +508 MB.
+def test_chunked_depth_4_needs_less_than_dense_depth_0(budget):
+    # Measured 2026-11-29: 835 MB (chunks of 128; 852 MB with 256) against
+    # 855 MB. Chunking every head saves 403 MB at D=0; each depth then adds
+    # about one block's activations (77 MB) plus its inputs (23 MB).
+    assert temp_bytes(4, chunk=128) <= budget["base"]
+
+
+def test_chunked_mtp_heads_add_only_block_activations(budget):
+    # Measured 2026-11-29: +134 MB for D=1, +399 MB for D=4: a block and its
+    # inputs per depth, and the MTP pass's own head gradient.
     for depth in (1, 4):
-        growth = temp_bytes(depth, chunk=256) - budget["base"]
-        assert growth <= depth * 1.3 * budget["block"], (depth, growth)
+        growth = temp_bytes(depth, chunk=256) - budget["chunked_base"]
+        limit = depth * 1.35 * budget["block"] + budget["kernel"]
+        assert growth <= limit, (depth, growth)
         assert growth / depth < budget["logits"] / 2  # no (B, T, V) buffer
 
 
@@ -79,4 +84,5 @@ def test_dense_growth_is_at_most_one_head_and_one_block_per_depth(budget):
     for depth in (1, 4):
         growth = temp_bytes(depth) - budget["base"]
         assert growth <= depth * (budget["logits"] + budget["block"])
-        assert growth > temp_bytes(depth, chunk=256) - budget["base"]
+        chunked = temp_bytes(depth, chunk=256) - budget["chunked_base"]
+        assert growth > chunked

@@ -405,7 +405,7 @@ def test_fit_on_keras_hub_preprocessor_output():
 def test_chunked_mtp_loss_matches_dense(detach):
     kwargs = dict(mtp_detach_trunk=detach, mtp_loss_scaling_factor=1.0)
     dense = make_model(**kwargs)
-    chunked = make_model(mtp_loss_chunk_size=7, **kwargs)  # 48 = 6·7 + 6
+    chunked = make_model(loss_chunk_size=7, **kwargs)  # 48 = 6·7 + 6
     chunked.set_weights(dense.get_weights())
     x, _, _ = make_batch(pad_last=3)
     losses = [
@@ -419,4 +419,37 @@ def test_chunked_mtp_loss_matches_dense(detach):
         np.testing.assert_allclose(
             grads[1][path], grads[0][path], atol=1e-5, err_msg=path
         )
-    assert chunked.get_config()["mtp_loss_chunk_size"] == 7
+    assert chunked.get_config()["loss_chunk_size"] == 7
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_chunked_training_matches_dense(name):
+    # Chunking every head (main and MTP) changes no loss, metric or update.
+    histories, weights = [], []
+    for chunk in (None, 7):
+        model = make_model(name, loss_chunk_size=chunk)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        x, y, w = make_batch(pad_last=3)
+        history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0)
+        history = dict(history.history)
+        history.update(
+            model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+        )
+        histories.append(history)
+        weights.append(model.get_weights())
+    assert set(histories[0]) == set(histories[1])
+    for key in histories[0]:
+        np.testing.assert_allclose(
+            histories[1][key], histories[0][key], atol=1e-5, err_msg=key
+        )
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert model.get_config()["loss_chunk_size"] == 7
+
+
+def test_chunked_model_rejects_other_losses_and_bad_chunks():
+    model = make_model(loss_chunk_size=4)
+    with pytest.raises(ValueError, match="mean_squared_error"):
+        model.compile(loss="mean_squared_error")
+    with pytest.raises(ValueError, match="loss_chunk_size=0"):
+        make_model(loss_chunk_size=0)
