@@ -176,6 +176,42 @@ def call_decoder(block, x, padding_mask, training=None):
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
+def call_decoder_with_cache(block, x, cache, cache_update_index):
+    """Runs one keras-hub decoder layer over `x` at positions
+    `cache_update_index ...` against its key/value `cache`; returns
+    `(outputs, cache)`. The keyword names differ by family (Gemma: `cache`;
+    the others: `self_attention_cache`)."""
+    parameters = inspect.signature(block.call).parameters
+    if "self_attention_cache" in parameters:
+        outputs = block(
+            x,
+            self_attention_cache=cache,
+            self_attention_cache_update_index=cache_update_index,
+        )
+    elif "cache" in parameters:
+        outputs = block(x, cache=cache, cache_update_index=cache_update_index)
+    else:
+        raise ValueError(
+            f"{type(block).__name__} takes no key/value cache: its `call` "
+            f"takes {list(parameters)}"
+        )
+    return outputs[0], outputs[1]
+
+
+def causal_lm(backbone):
+    """keras-hub's `CausalLM` task for `backbone` (no preprocessor): its
+    `call_with_cache` and `generate` run the main model with a KV cache."""
+    name, _ = _supported_class(backbone)
+    # The most derived class first (`Llama3Backbone` -> `Llama3CausalLM`).
+    for cls in type(backbone).__mro__:
+        task = getattr(
+            keras_hub.models, cls.__name__.replace("Backbone", "CausalLM"), None
+        )
+        if task is not None and cls.__name__.endswith("Backbone"):
+            return task(backbone=backbone, preprocessor=None)
+    raise ValueError(f"No keras-hub CausalLM for {name}")
+
+
 def embed(token_embedding, token_ids, scale=None, detach=False):
     """`Emb(token_ids)` with the backbone's scaling; no position embedding."""
     table = token_embedding.embeddings

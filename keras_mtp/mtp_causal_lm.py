@@ -203,6 +203,49 @@ class MTPCausalLM(keras.Model):
             )
         return logits  # (B, T, V)
 
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids=None,
+        speculative="auto",
+        return_stats=False,
+    ):
+        """Greedy decoding, with the MTP heads as drafters.
+
+        The output is the main model's greedy decoding, token for token,
+        with or without speculation (keras-hub's `CausalLM.generate` with a
+        greedy sampler on the same backbone); speculation only saves main
+        forward passes. See `keras_mtp.speculative`.
+
+        Args:
+            inputs: keras-hub's format, a dict with `token_ids` `(B, T)` and
+                `padding_mask` `(B, T)` marking the prompts; or prompts of
+                equal length, an int array `(B, T)` or `(T,)`.
+            max_length: int or None. The total length to generate to (the
+                inputs are padded to it); None: the inputs' length `T`.
+            stop_token_ids: ints or None. A row stops at the first of them
+                it generates; generation ends when every row has stopped.
+            speculative: bool or "auto" (use the MTP heads if there are
+                any). With `D` depths, each main forward checks `D` drafts.
+            return_stats: if True, also return a dict: `forward_passes`
+                (main model steps after the prompt), `new_tokens`,
+                `tokens_per_forward` (positions filled per main forward: 1
+                without speculation) and `acceptance` (per depth, the share
+                of its drafts accepted when all earlier ones were).
+
+        Returns:
+            `{"token_ids": (B, max_length), "padding_mask": (B, max_length)}`
+            as NumPy arrays, the mask marking the prompt and the generated
+            tokens up to each row's stop token; and the stats if asked.
+        """
+        from keras_mtp import speculative as speculative_lib
+
+        outputs, stats = speculative_lib.generate(
+            self, inputs, max_length, stop_token_ids, speculative
+        )
+        return (outputs, stats) if return_stats else outputs
+
     def test_step(self, *args, **kwargs):
         # `evaluate` calls with training=False like `predict`; the flag is read
         # while the step is traced, so MTP runs in evaluate and never predict.

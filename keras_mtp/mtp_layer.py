@@ -118,9 +118,8 @@ class MTPLayer(keras.layers.Layer):
                 layer.build(shape)
         self.built = True
 
-    def call(
-        self, hidden_states, token_embeddings, padding_mask, training=None
-    ):
+    def _combine(self, hidden_states, token_embeddings):
+        """`M_k [RMSNorm(Emb); RMSNorm(h^{k-1})]`, `(B, T, d)`."""
         x = keras.ops.concatenate(
             [
                 self.embedding_norm(token_embeddings),
@@ -128,11 +127,28 @@ class MTPLayer(keras.layers.Layer):
             ],
             axis=-1,
         )  # (B, T, 2d)
-        x = self.projection(x)  # (B, T, d)
+        return self.projection(x)
+
+    def call(
+        self, hidden_states, token_embeddings, padding_mask, training=None
+    ):
+        x = self._combine(hidden_states, token_embeddings)
         x = backbones.call_decoder(
             self.transformer_block, x, padding_mask, training=training
         )
         return x, self.output_norm(x)
+
+    def call_with_cache(
+        self, hidden_states, token_embeddings, cache, cache_update_index
+    ):
+        """`call` for positions `cache_update_index ...` only, attending to
+        earlier positions through the block's key/value `cache`; returns
+        `(h^k, Norm_k(h^k), cache)`. For incremental decoding."""
+        x = self._combine(hidden_states, token_embeddings)
+        x, cache = backbones.call_decoder_with_cache(
+            self.transformer_block, x, cache, cache_update_index
+        )
+        return x, self.output_norm(x), cache
 
     def compute_output_shape(self, hidden_states_shape, *args, **kwargs):
         return (tuple(hidden_states_shape), tuple(hidden_states_shape))
