@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data only: quiet
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
 
 import keras_mtp  # noqa: E402
 from keras_mtp import data  # noqa: E402
@@ -423,6 +424,37 @@ def summary_table(logs, mtp_num_layers):
 # === Main ====================================================================
 
 
+def report_speculation(model, dataset, config, num_prompts=4):
+    """Decodes validation prompts with the MTP heads as drafters and prints
+    what speculation buys: tokens per main forward pass and acceptance."""
+    prompt_length = max(config.sequence_length // 4, 1)
+    # GPT-2's position table ends at sequence_length; drafts look D ahead.
+    max_length = config.sequence_length - config.mtp_num_layers
+    if max_length <= prompt_length:
+        return
+    x, _, _ = next(iter(dataset))
+    prompts = np.asarray(x["token_ids"])[:num_prompts, :prompt_length]
+    positions = forward_passes = 0
+    acceptance = []
+    for prompt in prompts:  # batch 1: each prompt advances on its own
+        _, stats = model.generate(
+            prompt, max_length=max_length, return_stats=True
+        )
+        positions += max_length - prompt_length
+        forward_passes += stats["forward_passes"]
+        acceptance.append(stats["acceptance"])
+    rates = ", ".join(
+        f"depth {k}: {rate:.2f}"
+        for k, rate in enumerate(np.mean(acceptance, axis=0), start=1)
+    )
+    print(
+        f"Speculative decoding of {len(prompts)} validation prompts "
+        f"({prompt_length} + {max_length - prompt_length} tokens, greedy): "
+        f"{positions / forward_passes:.2f} tokens per main forward pass "
+        f"(at most {config.mtp_num_layers + 1}); draft acceptance {rates}"
+    )
+
+
 def main(config):
     start = time.time()
     initialize_processes(config)
@@ -575,6 +607,8 @@ def main(config):
         f"last {steps_per_epoch} steps, val = {config.eval_steps} batches:"
     )
     print(summary_table(rows[-1], config.mtp_num_layers))
+    if config.mtp_num_layers and distribution is None:
+        report_speculation(model, val_ds, config)
     print(f"saved to {run_dir}/")
 
 

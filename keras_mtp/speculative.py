@@ -125,7 +125,9 @@ def _check_positions(backbone, cache_length):
             )
 
 
-def speculative_decode(model, task, token_ids, padding_mask, stop_token_ids):
+def speculative_decode(
+    model, task, token_ids, padding_mask, stop_token_ids, ragged=True
+):
     """The decoding loop, in backend ops (traceable).
 
     Args:
@@ -134,6 +136,8 @@ def speculative_decode(model, task, token_ids, padding_mask, stop_token_ids):
         token_ids, padding_mask: int tensors `(B, T)`; the mask marks the
             prompts, and `T` is the total length.
         stop_token_ids: tuple of ints, or None.
+        ragged: False promises that every prompt has the same length, so
+            no generated position needs the prompt's token (fewer ops).
 
     Returns:
         `(token_ids, padding_mask, stats)`: the outputs, as keras-hub's
@@ -163,6 +167,8 @@ def speculative_decode(model, task, token_ids, padding_mask, stop_token_ids):
 
     def keep_prompt(start, tokens):
         """`tokens` for the positions `start ..`, or the prompt's there."""
+        if not ragged:
+            return tokens
         size = [batch, tokens.shape[1]]
         return ops.where(
             ops.slice(forced, [0, start], size),
@@ -224,7 +230,7 @@ def speculative_decode(model, task, token_ids, padding_mask, stop_token_ids):
             fresh = (offsets <= accept) & (n + 1 + offsets < length)
             fresh = fresh[None] & ops.logical_not(
                 ops.slice(forced, [0, n + 1], [batch, window])
-            )
+            )  # new tokens, not the prompt's
             hit = ops.any(_is_stop(targets, stop_token_ids) & fresh, axis=1)
             stopped = ops.logical_or(stopped, hit)
         # 3. Draft: the MTP chain over the same window positions.
@@ -279,18 +285,20 @@ class _Decoders:
         self.task.compile(sampler="greedy")
         self.functions = {}
 
-    def speculative(self, model, stop_token_ids):
-        if stop_token_ids not in self.functions:
-            self.functions[stop_token_ids] = _compile(
+    def speculative(self, model, stop_token_ids, ragged):
+        key = (stop_token_ids, ragged)
+        if key not in self.functions:
+            self.functions[key] = _compile(
                 functools.partial(
                     speculative_decode,
                     model,
                     self.task,
                     stop_token_ids=stop_token_ids,
+                    ragged=ragged,
                 ),
                 model,
             )
-        return self.functions[stop_token_ids]
+        return self.functions[key]
 
 
 def _compile(fn, model):
@@ -341,9 +349,11 @@ def generate(model, inputs, max_length, stop_token_ids, speculative):
     if decoders is None:
         decoders = _Decoders(model)
         model.__dict__["_decoders"] = decoders
-    first = int(prompt_mask.sum(axis=1).min()) - 1
+    lengths = prompt_mask.sum(axis=1)
+    first = int(lengths.min()) - 1
     if speculative:
-        function = decoders.speculative(model, stop_token_ids)
+        ragged = bool(lengths.max() > lengths.min())
+        function = decoders.speculative(model, stop_token_ids, ragged)
         outputs, mask, raw = function(token_ids, prompt_mask)
         raw = {k: ops.convert_to_numpy(v) for k, v in raw.items()}
         forward_passes = int(raw["forward_passes"])
