@@ -378,7 +378,12 @@ def loss_fn(params, batch, config):
     ce = cross_entropy(logits, batch["labels"])  # (B, T)
     # Keras' "sum_over_batch_size": divide by B·T, not by Σ w.
     main_loss = jnp.sum(ce * batch["sample_weight"]) / ce.size
-    metrics = {"main_loss": main_loss}
+    # The main head's accuracy, weighted, as Keras' compiled metric logs it.
+    hits = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
+    accuracy = jnp.sum(hits * batch["sample_weight"]) / jnp.maximum(
+        jnp.sum(batch["sample_weight"]), 1.0
+    )
+    metrics = {"main_loss": main_loss, "accuracy": accuracy}
     total = main_loss
     if mtp_logits:
         losses, accuracies = [], []

@@ -121,6 +121,9 @@ def test_losses_match_keras_training_loss(run):
         metrics["main_loss"], logs["main_loss"], atol=1e-5
     )
     np.testing.assert_allclose(metrics["mtp_loss"], logs["mtp_loss"], atol=1e-5)
+    np.testing.assert_allclose(
+        metrics["accuracy"], logs["sparse_categorical_accuracy"], atol=1e-6
+    )
     for k in range(DEPTHS):
         np.testing.assert_allclose(
             metrics["mtp_losses"][k], logs[f"mtp_loss_{k + 1}"], atol=1e-5
