@@ -475,10 +475,13 @@ def main(config):
     if os.path.exists(paths["last.keras"]):
         with open(paths["config.json"]) as f:
             saved = json.load(f)
-        if saved != config_dict:
-            changed = sorted(
-                k for k in config_dict if saved.get(k) != config_dict[k]
-            )
+        # The directory may be named another way (relative, absolute).
+        changed = sorted(
+            k
+            for k in config_dict
+            if k != "output_dir" and saved.get(k) != config_dict[k]
+        )
+        if changed:
             raise ValueError(
                 f"{run_dir} holds a run with another config (fields "
                 f"{changed} differ); use a new --output-dir to start afresh."
