@@ -138,23 +138,30 @@ class MTPBlock(keras.layers.Layer):
         for layer in self.mtp_layers:
             layer.build(shape, shape)
         # === Weights ===
+        # Float32 bookkeeping, never autocast: under a mixed policy `call`
+        # would otherwise read λ rounded to bfloat16 (0.1 -> 0.10009765625)
+        # and round the sown losses and accuracies to bfloat16 (a variable's
+        # `dtype` is the compute dtype inside the layer's autocast scope).
         self.loss_scale = self.add_weight(
             name="loss_scaling_factor",
             shape=(),
             initializer=keras.initializers.Constant(self.loss_scaling_factor),
             trainable=False,
+            autocast=False,
         )
         self.depth_losses = self.add_weight(
             name="depth_losses",
             shape=(self.num_layers,),
             initializer="zeros",
             trainable=False,
+            autocast=False,
         )
         self.depth_accuracies = self.add_weight(
             name="depth_accuracies",
             shape=(self.num_layers,),
             initializer="zeros",
             trainable=False,
+            autocast=False,
         )
         self.built = True
 

@@ -136,6 +136,17 @@ def aux_loss_gradients(model, x):
             loss = tf.add_n(model.losses)
         grads = tape.gradient(loss, model.trainable_variables)
         grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+    elif backend == "torch":
+        import torch
+
+        model(x, training=True)
+        loss = sum(model.losses)
+        grads = torch.autograd.grad(
+            loss,
+            [v.value for v in model.trainable_variables],
+            allow_unused=True,  # None where the loss reads no variable
+        )
+        grads = [None if g is None else g.detach().cpu() for g in grads]
     else:
         pytest.skip(f"no gradient helper for backend {backend}")
     return {

@@ -354,7 +354,7 @@ def test_mixed_bfloat16_trains_with_finite_float32_metrics():
     assert model.mtp_block.depth_losses.dtype == "float32"
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x, y, w = make_batch(pad_last=2)
-    assert model(x).dtype == "bfloat16"
+    assert keras.backend.standardize_dtype(model(x).dtype) == "bfloat16"
     history = model.fit(x, y, sample_weight=w, epochs=2, verbose=0).history
     for values in history.values():
         assert np.all(np.isfinite(values))
@@ -383,7 +383,12 @@ def count_traces(schedule):
 
 def test_changing_scale_does_not_retrace():
     constant = count_traces(lambda step: 0.1)
-    assert 1 <= constant <= 2  # one trace (TF's tf.function may take two)
+    if keras.config.backend() == "torch":
+        # Keras runs torch steps eagerly (no jit_compile on torch), so the
+        # block's Python runs once per step: 16 rows / batches of 4.
+        assert constant == 4
+    else:
+        assert 1 <= constant <= 2  # one trace (TF's tf.function may take two)
     assert count_traces(lambda step: 0.1 * step) == constant
 
 

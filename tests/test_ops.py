@@ -177,6 +177,14 @@ def value_and_grad(fn, hidden, kernel, index):
 
         value, grad = jax.value_and_grad(fn, argnums=index)(hidden, kernel)
         return np.asarray(value), np.asarray(grad)
+    if keras.config.backend() == "torch":
+        import torch
+
+        args = [ops.convert_to_tensor(hidden), ops.convert_to_tensor(kernel)]
+        args[index].requires_grad_(True)
+        value = fn(*args)
+        (grad,) = torch.autograd.grad(value, args[index])
+        return np_(value.detach()), np_(grad)
     import tensorflow as tf
 
     args = [tf.constant(hidden), tf.constant(kernel)]
