@@ -138,12 +138,8 @@ def decode(model, prompts, max_length, rounds):
             p / s for p, s in zip(seconds[False], seconds[True])
         ),
         # Wall time of one main forward pass (plus, speculative, drafting).
-        "plain_ms_per_forward": 1e3
-        * sum(seconds[False])
-        / passes[False],
-        "speculative_ms_per_forward": 1e3
-        * sum(seconds[True])
-        / passes[True],
+        "plain_ms_per_forward": 1e3 * sum(seconds[False]) / passes[False],
+        "speculative_ms_per_forward": 1e3 * sum(seconds[True]) / passes[True],
         "plain_s_per_round": [round(s, 4) for s in seconds[False]],
         "speculative_s_per_round": [round(s, 4) for s in seconds[True]],
     }

@@ -102,13 +102,7 @@ class MTPBlock(keras.layers.Layer):
                 f"`num_layers` must be an int >= 1. Received: {num_layers!r}"
             )
         check_loss_scaling_factor(loss_scaling_factor)
-        if loss_chunk_size is not None and (
-            not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
-        ):
-            raise ValueError(
-                "`loss_chunk_size` must be None or an int >= 1. Received: "
-                f"loss_chunk_size={loss_chunk_size!r}"
-            )
+        check_loss_chunk_size(loss_chunk_size)
         # === Config ===
         self.num_layers = num_layers
         self.loss_scaling_factor = float(loss_scaling_factor)
@@ -287,4 +281,13 @@ def check_loss_scaling_factor(value):
         raise ValueError(
             "The MTP loss scaling factor (λ) must be a finite number >= 0. "
             f"Received: {value!r}"
+        )
+
+
+def check_loss_chunk_size(value):
+    """Raises a `ValueError` unless `value` is None or an int >= 1."""
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(
+            "`loss_chunk_size` must be None or an int >= 1. Received: "
+            f"loss_chunk_size={value!r}"
         )

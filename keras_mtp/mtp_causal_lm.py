@@ -5,6 +5,7 @@ from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
+from keras_mtp.mtp_block import check_loss_chunk_size
 from keras_mtp.mtp_block import check_loss_scaling_factor
 
 
@@ -84,13 +85,7 @@ class MTPCausalLM(keras.Model):
         **kwargs,
     ):
         backbones.check_backbone(backbone)
-        if loss_chunk_size is not None and (
-            not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
-        ):
-            raise ValueError(
-                "`loss_chunk_size` must be None or an int >= 1. Received: "
-                f"loss_chunk_size={loss_chunk_size!r}"
-            )
+        check_loss_chunk_size(loss_chunk_size)
         if not isinstance(mtp_num_layers, int) or mtp_num_layers < 0:
             raise ValueError(
                 "`mtp_num_layers` must be an int >= 0. Received: "

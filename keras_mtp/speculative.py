@@ -176,21 +176,33 @@ def speculative_decode(
             tokens,
         )
 
+    def run_depth(layer, hidden, ids, cache, index, at, position, buffer):
+        """Depth `layer` over `ids` at positions `index ..`; its output at
+        offset `at` drafts the token at `position`, written to `buffer`."""
+        hidden, normed, cache = layer.call_with_cache(
+            hidden, embed(ids), cache, index
+        )
+        draft = _argmax(embedding(ops.take(normed, at, axis=1), reverse=True))
+        draft = keep_prompt(position, draft[:, None])
+        return hidden, cache, ops.slice_update(buffer, [0, position], draft)
+
     # Prefill: the prompt through the main model and every depth at once.
     hidden, cache = task._build_cache(prompt[:, :cache_length])
     buffer = prompt
     mtp_caches = []
     last = ops.maximum(first - 1, 0)  # depth k there drafts x_{first + k}
     for k, layer in enumerate(layers, start=1):
-        empty = ops.zeros_like(cache[:, 0])
-        ids = prompt[:, k : k + cache_length]
-        hidden, normed, layer_cache = layer.call_with_cache(
-            hidden, embed(ids), empty, 0
+        hidden, layer_cache, buffer = run_depth(
+            layer,
+            hidden,
+            prompt[:, k : k + cache_length],
+            ops.zeros_like(cache[:, 0]),
+            0,
+            last,
+            first + k,
+            buffer,
         )
         mtp_caches.append(layer_cache)
-        draft = _argmax(embedding(ops.take(normed, last, axis=1), reverse=True))
-        draft = keep_prompt(first + k, draft[:, None])
-        buffer = ops.slice_update(buffer, [0, first + k], draft)
 
     zeros = ops.zeros((depths,), "int32")
     state = (
@@ -236,15 +248,17 @@ def speculative_decode(
         # 3. Draft: the MTP chain over the same window positions.
         new_caches = []
         for k, layer in enumerate(layers, start=1):
-            ids = ops.slice(buffer, [0, n + k], [batch, window])
-            hidden, normed, layer_cache = layer.call_with_cache(
-                hidden, embed(ids), mtp_caches[k - 1], n
+            hidden, layer_cache, buffer = run_depth(
+                layer,
+                hidden,
+                ops.slice(buffer, [0, n + k], [batch, window]),
+                mtp_caches[k - 1],
+                n,
+                accept,  # window offset of position n' - 1
+                new_n + k,
+                buffer,
             )
             new_caches.append(layer_cache)
-            at_last = ops.take(normed, accept, axis=1)  # position n' - 1
-            draft = _argmax(embedding(at_last, reverse=True))
-            draft = keep_prompt(new_n + k, draft[:, None])
-            buffer = ops.slice_update(buffer, [0, new_n + k], draft)
         return (
             new_n,
             buffer,

@@ -45,6 +45,7 @@ def test_notebooks_exist():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_committed_outputs(path):
     import nbformat
+
     notebook = nbformat.read(path, as_version=4)
     outputs = [
         output
@@ -62,6 +63,7 @@ def test_committed_outputs(path):
 def test_notebook_runs_in_fast_mode(path, tmp_path):
     import nbclient
     import nbformat
+
     before = _digest(path)
     notebook = nbformat.read(path, as_version=4)
     env = dict(
