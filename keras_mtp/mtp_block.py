@@ -1,8 +1,12 @@
+import numbers
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
+from keras_mtp.inputs import check_length
 from keras_mtp.mtp_layer import MTPLayer
 
 
@@ -23,9 +27,8 @@ class MTPBlock(keras.layers.Layer):
     over every row and position of the batch (weights from
     `keras_mtp.ops.mtp_targets_and_weights`). Each call adds
     `loss_scaling_factor * L_mtp` with `add_loss`; `MTPCausalLM` calls the
-    block only in `fit` and `evaluate`. The per-depth losses and top-1
-    accuracies are also written ("sown") into the non-trainable weights
-    `depth_losses` and `depth_accuracies`, from which the model's metrics read.
+    block only in `fit` and `evaluate`, and its metrics read the per-depth
+    values the block returns.
 
     Args:
         token_embedding: `keras.layers.ReversibleEmbedding`. The shared token
@@ -56,7 +59,9 @@ class MTPBlock(keras.layers.Layer):
         training: bool. Passed to the transformer blocks (dropout, MoE loss).
 
     Returns:
-        float32 tensor `(D,)`: the per-depth losses `L_k`.
+        A dict of float32 tensors `(D,)`: `"losses"` (`L_k`), `"accuracies"`
+        (top-1 of depth `k` against `x[i + k + 1]` over its valid positions)
+        and `"tokens"` (`sum_i w^k_i`, the number of valid positions).
 
     Example:
 
@@ -71,7 +76,8 @@ class MTPBlock(keras.layers.Layer):
         num_layers=2)
     x = {"token_ids": np.ones((2, 8), "int32"),
          "padding_mask": np.ones((2, 8), "int32")}
-    losses = block(backbone(x), x["token_ids"], x["padding_mask"])  # (2,)
+    outputs = block(backbone(x), x["token_ids"], x["padding_mask"])
+    outputs["losses"]  # (2,): L_1, L_2
     ```
 
     Reference:
@@ -97,12 +103,9 @@ class MTPBlock(keras.layers.Layer):
                 "`token_embedding` must be a `keras.layers.ReversibleEmbedding`"
                 f". Received: {type(token_embedding).__name__}"
             )
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(
-                f"`num_layers` must be an int >= 1. Received: {num_layers!r}"
-            )
+        num_layers = check_int(num_layers, "num_layers", minimum=1)
         check_loss_scaling_factor(loss_scaling_factor)
-        check_loss_chunk_size(loss_chunk_size)
+        loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
         # === Config ===
         self.num_layers = num_layers
         self.loss_scaling_factor = float(loss_scaling_factor)
@@ -132,28 +135,12 @@ class MTPBlock(keras.layers.Layer):
         for layer in self.mtp_layers:
             layer.build(shape, shape)
         # === Weights ===
-        # Float32 bookkeeping, never autocast: under a mixed policy `call`
-        # would otherwise read λ rounded to bfloat16 (0.1 -> 0.10009765625)
-        # and round the sown losses and accuracies to bfloat16 (a variable's
-        # `dtype` is the compute dtype inside the layer's autocast scope).
+        # Float32, never autocast: under a mixed policy `call` would
+        # otherwise read λ rounded to bfloat16 (0.1 -> 0.10009765625).
         self.loss_scale = self.add_weight(
             name="loss_scaling_factor",
             shape=(),
             initializer=keras.initializers.Constant(self.loss_scaling_factor),
-            trainable=False,
-            autocast=False,
-        )
-        self.depth_losses = self.add_weight(
-            name="depth_losses",
-            shape=(self.num_layers,),
-            initializer="zeros",
-            trainable=False,
-            autocast=False,
-        )
-        self.depth_accuracies = self.add_weight(
-            name="depth_accuracies",
-            shape=(self.num_layers,),
-            initializer="zeros",
             trainable=False,
             autocast=False,
         )
@@ -167,14 +154,7 @@ class MTPBlock(keras.layers.Layer):
         segment_ids=None,
         training=None,
     ):
-        length = hidden_states.shape[1]
-        if length is not None and length < self.num_layers + 2:
-            raise ValueError(
-                f"MTP with num_layers={self.num_layers} needs sequences of at "
-                f"least num_layers + 2 = {self.num_layers + 2} tokens (depth k "
-                f"predicts the token k + 1 ahead). Received: sequence length "
-                f"{length}"
-            )
+        check_length(hidden_states.shape[1], self.num_layers)
         hidden = hidden_states  # (B, T, d)
         if self.detach_trunk:
             hidden = ops.stop_gradient(hidden)
@@ -230,16 +210,12 @@ class MTPBlock(keras.layers.Layer):
             losses, accuracies = ops.stack(losses), ops.stack(accuracies)
         # losses, accuracies: (D,)
         self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
-        self.depth_losses.assign(
-            ops.cast(ops.stop_gradient(losses), self.depth_losses.dtype)
-        )
-        self.depth_accuracies.assign(
-            ops.cast(accuracies, self.depth_accuracies.dtype)
-        )
-        return losses
+        tokens = ops.sum(ops.stack(weights), axis=(1, 2))  # (D,)
+        return {"losses": losses, "accuracies": accuracies, "tokens": tokens}
 
     def compute_output_spec(self, hidden_states, *args, **kwargs):
-        return keras.KerasTensor((self.num_layers,), dtype="float32")
+        spec = keras.KerasTensor((self.num_layers,), dtype="float32")
+        return {"losses": spec, "accuracies": spec, "tokens": spec}
 
     def get_config(self):
         config = super().get_config()
@@ -284,10 +260,23 @@ def check_loss_scaling_factor(value):
         )
 
 
-def check_loss_chunk_size(value):
-    """Raises a `ValueError` unless `value` is None or an int >= 1."""
-    if value is not None and (not isinstance(value, int) or value < 1):
+def check_int(value, name, minimum=0):
+    """`value` as a Python int; a `ValueError` naming it unless it is an
+    integer (NumPy's too, never a bool) `>= minimum`."""
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, (bool, np.bool_))
+        or value < minimum
+    ):
         raise ValueError(
-            "`loss_chunk_size` must be None or an int >= 1. Received: "
-            f"loss_chunk_size={value!r}"
+            f"`{name}` must be an int >= {minimum}. Received: "
+            f"{name}={value!r} of type {type(value).__name__}"
         )
+    return int(value)
+
+
+def check_loss_chunk_size(value):
+    """`value` as an int, or None; a `ValueError` unless None or an int >= 1."""
+    if value is None:
+        return None
+    return check_int(value, "loss_chunk_size", minimum=1)

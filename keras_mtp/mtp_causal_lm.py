@@ -2,9 +2,11 @@ import keras
 from keras import ops
 
 from keras_mtp import backbones
+from keras_mtp import inputs as mtp_inputs
 from keras_mtp import ops as mtp_ops
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
+from keras_mtp.mtp_block import check_int
 from keras_mtp.mtp_block import check_loss_chunk_size
 from keras_mtp.mtp_block import check_loss_scaling_factor
 
@@ -23,13 +25,21 @@ class MTPCausalLM(keras.Model):
     loss = main_loss + λ · (1 / D) Σ_k L_k
     ```
 
-    MTP never runs in `predict` or a plain `model(x)` call: inference cost and
-    outputs are those of the backbone alone. `mtp_num_layers=0` is exactly
-    the plain causal LM.
+    MTP never runs in `predict`, `export` or a plain `model(x)` call:
+    inference cost and outputs are those of the backbone alone, the main
+    logits `(B, T, V)`. `mtp_num_layers=0` is exactly the plain causal LM. In
+    a training step (`model(x, training=True)`) and in `evaluate`'s step,
+    `call` returns instead what `compute_loss` reads: a dict with `"logits"`
+    (or `"hidden_states"` `(B, T, d)` with `loss_chunk_size`) and the MTP
+    block's per-depth `"mtp_losses"`, `"mtp_accuracies"`, `"mtp_tokens"`.
 
     Metrics, in `fit` and `evaluate`: `loss` (total), `main_loss`, `mtp_loss`
     (unscaled `L_mtp`), `mtp_loss_1 .. mtp_loss_D` and `mtp_accuracy_1 ..
-    mtp_accuracy_D` (top-1 of depth k: the teacher-forced draft acceptance).
+    mtp_accuracy_D` (top-1 of depth k against the data's token `x[i+k+1]`,
+    teacher-forced: not what speculative decoding accepts). The losses
+    reduce over an epoch as Keras reduces `loss` (weighted by batch size), so
+    the epoch values keep `loss = main_loss + λ·mtp_loss`; accuracies are
+    weighted by valid tokens. See docs/objective.md for every convention.
 
     Args:
         backbone: a keras-hub causal backbone (`GPT2Backbone`,
@@ -39,25 +49,31 @@ class MTPCausalLM(keras.Model):
         mtp_loss_scaling_factor: float >= 0. `λ`. A weight of the model: set
             `model.mtp_loss_scaling_factor = v` (or use
             `keras_mtp.callbacks.MTPLossScheduler`) at any time, no recompile.
-        mtp_detach_trunk: bool. If True, the MTP loss trains only the MTP
-            layers: no gradient of it reaches the backbone, embedding or head.
+        mtp_detach_trunk: bool. If True, no gradient of the MTP loss
+            reaches the backbone, embedding or head: the MTP loss trains only
+            the MTP layers. The main loss still trains the trunk; set
+            `model.backbone.trainable = False` too to train the heads alone.
         loss_chunk_size: int or None. In `fit` and `evaluate`, compute every
-            head's loss (main and MTP) over chunks of this many tokens with
-            rematerialization, so no `(B, T, V)` logits tensor lives (large
+            head's loss (main and MTP) over chunks of this many tokens, so no
+            `(B, T, V)` logits tensor is made on any backend (large
             vocabularies). Same losses, accuracies and gradients as without.
             The main loss is then the default sparse cross-entropy weighted
             by `sample_weight` and its accuracy is logged as
             `sparse_categorical_accuracy`, both computed from the backbone's
-            hidden states: compile with `loss="auto"` and leave
-            `weighted_metrics="auto"` (a metric that reads `y_pred` would
-            bring the full logits back).
+            hidden states: compile with `loss="auto"` and no `metrics` (a
+            compiled metric would need the full logits).
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
     Inputs: a dict with `token_ids` `(B, T)`, `padding_mask` `(B, T)` and
     optionally `segment_ids` `(B, T)` (packed rows, 0 = padding) — what
     `keras_hub`'s `CausalLMPreprocessor` yields as `x`, with `y` the next
-    tokens and `sample_weight` the main loss weights.
+    tokens and `sample_weight` the main loss weights. Ids must be integers in
+    `[0, vocabulary_size)` and every tensor of the shape of `token_ids`:
+    `fit`, `evaluate` and `predict` check arrays and a `tf.data` dataset's
+    spec before Keras starts, and `call` checks shapes and dtypes. The ids
+    of a Python generator or `PyDataset` are not checked by value (that
+    would cost the compiled step): an id out of range gives a NaN loss.
 
     Example:
 
@@ -85,12 +101,8 @@ class MTPCausalLM(keras.Model):
         **kwargs,
     ):
         backbones.check_backbone(backbone)
-        check_loss_chunk_size(loss_chunk_size)
-        if not isinstance(mtp_num_layers, int) or mtp_num_layers < 0:
-            raise ValueError(
-                "`mtp_num_layers` must be an int >= 0. Received: "
-                f"mtp_num_layers={mtp_num_layers!r}"
-            )
+        loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
+        mtp_num_layers = check_int(mtp_num_layers, "mtp_num_layers")
         check_loss_scaling_factor(mtp_loss_scaling_factor)
         kwargs.setdefault("dtype", backbone.dtype_policy)
         super().__init__(**kwargs)
@@ -142,7 +154,6 @@ class MTPCausalLM(keras.Model):
                 name="sparse_categorical_accuracy"
             )
         self._mtp_in_evaluate = False
-        self._loss_hidden = None  # the main head's input, in chunked steps
         self.built = True
 
     @property
@@ -163,15 +174,7 @@ class MTPCausalLM(keras.Model):
         self.mtp_block.loss_scale.assign(float(value))
 
     def call(self, inputs, training=None):
-        if not isinstance(inputs, dict) or "token_ids" not in inputs:
-            received = type(inputs).__name__
-            if isinstance(inputs, dict):
-                received += f" with keys {sorted(inputs)}"
-            raise ValueError(
-                "MTPCausalLM expects a dict with `token_ids` and "
-                "`padding_mask` (and optionally `segment_ids`). Received: "
-                f"{received}"
-            )
+        mtp_inputs.check_structure(inputs)
         token_ids = inputs["token_ids"]
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
@@ -179,24 +182,30 @@ class MTPCausalLM(keras.Model):
         hidden = self.backbone(
             {"token_ids": token_ids, "padding_mask": padding_mask}
         )  # (B, T, d)
-        logits = self.backbone.token_embedding(hidden, reverse=True)
-        # Keras' Embedding turns autocast off inside a mixed-precision model,
-        # so its reverse matmul runs in float32; give the policy's dtype back.
-        logits = ops.cast(logits, self.compute_dtype)
-        in_step = training or self._mtp_in_evaluate
-        if self.loss_chunk_size and in_step:
-            # `compute_loss` of this same step reads it; the logits returned
-            # below are then unused, and XLA drops them.
-            self._loss_hidden = hidden
-        if self.mtp_block is not None and in_step:
-            self.mtp_block(
+        if not (training or self._mtp_in_evaluate):
+            return self._logits(hidden)  # (B, T, V)
+        # A training or evaluation step: what `compute_loss` reads.
+        outputs = {}
+        if self.loss_chunk_size:
+            outputs["hidden_states"] = hidden  # the head runs in chunks
+        else:
+            outputs["logits"] = self._logits(hidden)
+        if self.mtp_block is not None:
+            mtp = self.mtp_block(
                 hidden,
                 token_ids,
                 padding_mask,
                 segment_ids=inputs.get("segment_ids"),
                 training=training,
             )
-        return logits  # (B, T, V)
+            outputs.update({f"mtp_{key}": value for key, value in mtp.items()})
+        return outputs
+
+    def _logits(self, hidden):
+        logits = self.backbone.token_embedding(hidden, reverse=True)
+        # Keras' Embedding turns autocast off inside a mixed-precision model,
+        # so its reverse matmul runs in float32; give the policy's dtype back.
+        return ops.cast(logits, self.compute_dtype)
 
     def generate(
         self,
@@ -276,9 +285,16 @@ class MTPCausalLM(keras.Model):
                     "from hidden states in chunks: compile it with "
                     f'loss="auto". Received: loss={loss!r}'
                 )
+            if kwargs.get("metrics") or weighted_metrics not in ("auto", None):
+                raise ValueError(
+                    "A model with `loss_chunk_size` never builds the full "
+                    "logits that compiled metrics read; it logs its main "
+                    "accuracy itself. Received: metrics="
+                    f"{kwargs.get('metrics')!r}, weighted_metrics="
+                    f"{weighted_metrics!r}"
+                )
             loss = None
-            if weighted_metrics == "auto":
-                weighted_metrics = None  # accuracy comes from the chunks
+            weighted_metrics = None  # accuracy comes from the chunks
         if loss == "auto":
             loss = SparseCrossEntropy()
         if weighted_metrics == "auto":
@@ -301,30 +317,52 @@ class MTPCausalLM(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        if not isinstance(y_pred, dict):  # logits, from a user's own loop
+            y_pred = {"logits": y_pred}
         main_loss = ops.zeros((), "float32")
-        if self._loss_hidden is not None:
-            main_loss = self._chunked_main_loss(y, sample_weight)
+        if "hidden_states" in y_pred:
+            main_loss = self._chunked_main_loss(
+                y_pred["hidden_states"], y, sample_weight
+            )
         elif self._compile_loss is not None:
-            compiled = self._compile_loss(y, y_pred, sample_weight)
+            compiled = self._compile_loss(y, y_pred["logits"], sample_weight)
             if compiled is not None:
                 main_loss = ops.cast(compiled, "float32")
         total = main_loss
         if self.losses:  # λ·L_mtp, MoE router losses, regularizers
             extra = [ops.cast(ops.sum(loss), "float32") for loss in self.losses]
             total = total + ops.sum(ops.stack(extra))
-        self.main_loss_tracker.update_state(main_loss)
-        if self.mtp_block is not None:
-            depth_losses = ops.cast(self.mtp_block.depth_losses, "float32")
-            accuracies = ops.cast(self.mtp_block.depth_accuracies, "float32")
-            self.mtp_loss_tracker.update_state(ops.mean(depth_losses))
+        # Every logged loss is weighted by the batch size, as Keras weights
+        # `loss`, so the epoch values keep `loss = main_loss + λ·mtp_loss`;
+        # accuracies are weighted by their number of valid tokens.
+        head_input = y_pred.get("logits", y_pred.get("hidden_states"))
+        rows = ops.cast(ops.shape(head_input)[0], "float32")
+        self.main_loss_tracker.update_state(main_loss, sample_weight=rows)
+        if "mtp_losses" in y_pred:
+            losses = ops.cast(y_pred["mtp_losses"], "float32")  # (D,)
+            accuracies = ops.cast(y_pred["mtp_accuracies"], "float32")
+            tokens = ops.cast(y_pred["mtp_tokens"], "float32")
+            self.mtp_loss_tracker.update_state(
+                ops.mean(losses), sample_weight=rows
+            )
             for k in range(self.mtp_num_layers):
-                self.mtp_depth_loss_trackers[k].update_state(depth_losses[k])
-                self.mtp_depth_accuracy_trackers[k].update_state(accuracies[k])
+                self.mtp_depth_loss_trackers[k].update_state(
+                    losses[k], sample_weight=rows
+                )
+                self.mtp_depth_accuracy_trackers[k].update_state(
+                    accuracies[k], sample_weight=tokens[k]
+                )
         return total
 
-    def _chunked_main_loss(self, y, sample_weight):
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Compiled metrics read the logits; a chunked step has none, and
+        # `compile` then allows no compiled metric.
+        if isinstance(y_pred, dict):
+            y_pred = y_pred.get("logits")
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def _chunked_main_loss(self, hidden, y, sample_weight):
         """The default compiled loss and accuracy, one chunk at a time."""
-        hidden, self._loss_hidden = self._loss_hidden, None
         if y is None:
             raise ValueError(
                 "A model with `loss_chunk_size` needs targets `y` in `fit` "
@@ -346,6 +384,50 @@ class MTPCausalLM(keras.Model):
         # `SparseCrossEntropy`'s reduction: sum(w · CE) / (B · T).
         tokens = ops.cast(ops.size(y), "float32")
         return losses[0] * ops.maximum(weight, 1.0) / tokens
+
+    def _check_data(self, x, y=None):
+        mtp_inputs.check_data(
+            x, y, self.backbone.vocabulary_size, self.mtp_num_layers
+        )
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        # Checked before Keras starts: on JAX, an error inside the first
+        # traced step would leave the variables moved out of the model.
+        self._check_data(x, y)
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (tuple, list)):
+            self._check_data(*validation[:2])
+        elif validation is not None:
+            self._check_data(validation)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_data(x, y)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        mtp_inputs.check_data(x, None, self.backbone.vocabulary_size, 0)
+        return super().predict(x, *args, **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """`keras.Model.export` of the inference path: `token_ids` and
+        `padding_mask` `(batch, length)` int32 in, main logits `(batch,
+        length, V)` out (MTP never runs in an export)."""
+        if kwargs.get("input_signature") is None:
+            spec = keras.InputSpec(shape=(None, None), dtype="int32")
+            kwargs["input_signature"] = [
+                {"token_ids": spec, "padding_mask": spec}
+            ]
+            if keras.config.backend() == "jax":
+                # One (batch, length) for both inputs: jax2tf would give
+                # each `None` its own symbol, and attention needs them equal.
+                shape = "(batch, length)"
+                kwargs.setdefault("jax2tf_kwargs", {})
+                kwargs["jax2tf_kwargs"].setdefault(
+                    "polymorphic_shapes",
+                    [{"token_ids": shape, "padding_mask": shape}],
+                )
+        return super().export(filepath, format=format, **kwargs)
 
     def get_config(self):
         config = super().get_config()

@@ -69,7 +69,7 @@ def test_evaluate_depth_losses_match_the_block(packed):
     losses = np_(
         model.mtp_block(
             hidden, x["token_ids"], x["padding_mask"], segment_ids=segments
-        )
+        )["losses"]
     )
     np.testing.assert_allclose(
         [logs["mtp_loss_1"], logs["mtp_loss_2"]], losses, rtol=1e-5
@@ -89,10 +89,15 @@ def test_mtp_never_runs_outside_fit_and_evaluate():
     np.testing.assert_allclose(
         model.predict(x, verbose=0), np_(logits), atol=1e-6
     )
-    # Depth weights stay as initialized: predict sowed nothing.
-    np.testing.assert_array_equal(np_(model.mtp_block.depth_losses), [0, 0])
-    model(x, training=True)
+    outputs = model(x, training=True)  # a training step's y_pred
     assert len(model.losses) == 1
+    assert sorted(outputs) == [
+        "logits",
+        "mtp_accuracies",
+        "mtp_losses",
+        "mtp_tokens",
+    ]
+    assert outputs["mtp_losses"].shape == (2,)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma"])
@@ -296,9 +301,9 @@ def test_parameter_counts_pinned():
     # final norm 16.
     assert plain == 2 * 512 + 2336 + 16
     # Each depth: RMSNorms 2·16, W_k 32·16, decoder 2336, output norm 16;
-    # plus λ and the sown loss and accuracy per depth (non-trainable).
-    assert one - plain == 32 + 512 + 2336 + 16 + 1 + 2
-    assert two - one == 32 + 512 + 2336 + 16 + 2
+    # plus λ (non-trainable).
+    assert one - plain == 32 + 512 + 2336 + 16 + 1
+    assert two - one == 32 + 512 + 2336 + 16
 
 
 def test_bad_arguments_name_the_value():
@@ -351,7 +356,6 @@ def test_mixed_bfloat16_trains_with_finite_float32_metrics():
     finally:
         keras.config.set_dtype_policy(policy)
     assert model.mtp_block.mtp_layers[0].compute_dtype == "bfloat16"
-    assert model.mtp_block.depth_losses.dtype == "float32"
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x, y, w = make_batch(pad_last=2)
     assert keras.backend.standardize_dtype(model(x).dtype) == "bfloat16"
@@ -414,7 +418,11 @@ def test_chunked_mtp_loss_matches_dense(detach):
     chunked.set_weights(dense.get_weights())
     x, _, _ = make_batch(pad_last=3)
     losses = [
-        np_(m.mtp_block(m.backbone(x), x["token_ids"], x["padding_mask"]))
+        np_(
+            m.mtp_block(m.backbone(x), x["token_ids"], x["padding_mask"])[
+                "losses"
+            ]
+        )
         for m in (dense, chunked)
     ]
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
@@ -458,3 +466,61 @@ def test_chunked_model_rejects_other_losses_and_bad_chunks():
         model.compile(loss="mean_squared_error")
     with pytest.raises(ValueError, match="loss_chunk_size=0"):
         make_model(loss_chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_epoch_metrics_add_up_with_a_ragged_last_batch(chunk):
+    # 10 rows in batches of 4, 4 and 2: Keras weights `loss` by batch size,
+    # so every logged loss must too, or the epoch's `loss` is not
+    # `main_loss + λ · mtp_loss`.
+    lam = 0.3
+    model = make_model(mtp_loss_scaling_factor=lam, loss_chunk_size=chunk)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y, w = make_batch(batch=10, pad_last=4)
+    w[3, :] = 0.0  # a row with no main-loss weight
+    x["padding_mask"][2, 2:] = 0  # and one with few valid MTP positions
+    kwargs = dict(sample_weight=w, batch_size=4, verbose=0)
+    history = model.fit(x, y, shuffle=False, **kwargs).history
+    train = {key: values[0] for key, values in history.items()}
+    logs = model.evaluate(x, y, return_dict=True, **kwargs)
+    for epoch in (train, logs):
+        np.testing.assert_allclose(
+            epoch["loss"], epoch["main_loss"] + lam * epoch["mtp_loss"], 1e-5
+        )
+        np.testing.assert_allclose(
+            epoch["mtp_loss"],
+            (epoch["mtp_loss_1"] + epoch["mtp_loss_2"]) / 2,
+            rtol=1e-5,
+        )
+    # The same epoch, batch by batch: losses weighted by rows, accuracies by
+    # valid tokens (counted by the NumPy rule of test_mtp_block).
+    from test_mtp_block import numpy_targets_and_weights
+
+    batches = [slice(0, 4), slice(4, 8), slice(8, 10)]
+    per_batch, rows, tokens = [], [], []
+    for part in batches:
+        xb = {k: v[part] for k, v in x.items()}
+        per_batch.append(
+            model.evaluate(
+                xb, y[part], sample_weight=w[part], return_dict=True, verbose=0
+            )
+        )
+        rows.append(part.stop - part.start)
+        tokens.append(
+            [
+                numpy_targets_and_weights(
+                    xb["token_ids"], xb["padding_mask"], None, k
+                )[1].sum()
+                for k in (1, 2)
+            ]
+        )
+    tokens = np.array(tokens)  # (batches, D)
+    for key in ("loss", "main_loss", "mtp_loss", "mtp_loss_1", "mtp_loss_2"):
+        expected = np.average([b[key] for b in per_batch], weights=rows)
+        np.testing.assert_allclose(logs[key], expected, rtol=1e-5, err_msg=key)
+    for k in (1, 2):
+        key = f"mtp_accuracy_{k}"
+        expected = np.average(
+            [b[key] for b in per_batch], weights=tokens[:, k - 1]
+        )
+        np.testing.assert_allclose(logs[key], expected, rtol=1e-5, err_msg=key)

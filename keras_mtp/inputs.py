@@ -1,0 +1,131 @@
+"""Checks of `MTPCausalLM`'s inputs, made before a compiled step sees them.
+
+A bad batch must cost one clear error, never a silently wrong loss: ids out of
+range give NaN losses (JAX clamps or wraps them), float ids truncate, a
+`segment_ids` of another shape broadcasts. Inside a traced step only shapes
+and dtypes are known, and on JAX an error raised there comes after `fit` has
+moved the model's variables out; so `fit`, `evaluate` and `predict` check
+whole arrays (NumPy, lists, tensors) and the static spec of a `tf.data`
+dataset before Keras starts. Python generators and `PyDataset`s are checked
+batch by batch by `call` (shapes and dtypes only).
+"""
+
+import sys
+
+import keras
+import numpy as np
+
+KEYS = ("token_ids", "padding_mask", "segment_ids")
+
+
+def _dtype(x):
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _same_shape(a, b):
+    """Equal where both dimensions are known ints (an export traces with
+    symbolic ones)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        not (isinstance(i, int) and isinstance(j, int)) or i == j
+        for i, j in zip(a, b)
+    )
+
+
+def check_structure(inputs):
+    """Shapes and dtypes of a batch dict: what a traced step can check."""
+    if not isinstance(inputs, dict) or "token_ids" not in inputs:
+        received = type(inputs).__name__
+        if isinstance(inputs, dict):
+            received += f" with keys {sorted(inputs)}"
+        raise ValueError(
+            "MTPCausalLM expects a dict with `token_ids` and `padding_mask` "
+            f"(and optionally `segment_ids`). Received: {received}"
+        )
+    token_ids = inputs["token_ids"]
+    if len(token_ids.shape) != 2:
+        raise ValueError(
+            "`token_ids` must have shape (batch, length). Received: shape="
+            f"{tuple(token_ids.shape)}"
+        )
+    for key in KEYS:
+        value = inputs.get(key)
+        if value is None:
+            continue
+        if key != "padding_mask" and not (
+            _dtype(value).startswith("int") or _dtype(value).startswith("uint")
+        ):
+            raise ValueError(
+                f"`{key}` must be integers. Received: dtype={_dtype(value)}"
+            )
+        if not _same_shape(value.shape, token_ids.shape):
+            raise ValueError(
+                f"`{key}` must have the shape of `token_ids`, "
+                f"{tuple(token_ids.shape)}. Received: {key} of shape "
+                f"{tuple(value.shape)}"
+            )
+
+
+def check_length(length, mtp_num_layers):
+    """Depth `k` predicts the token `k + 1` ahead: `T >= D + 2`."""
+    if mtp_num_layers and length is not None and length < mtp_num_layers + 2:
+        raise ValueError(
+            f"MTP with num_layers={mtp_num_layers} needs sequences of at least "
+            f"num_layers + 2 = {mtp_num_layers + 2} tokens (depth k predicts "
+            f"the token k + 1 ahead). Received: sequence length {length}"
+        )
+
+
+def check_ids(name, ids, vocabulary_size):
+    """Every id of the NumPy array `ids` lies in `[0, vocabulary_size)`."""
+    if ids.size == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocabulary_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"`{name}` must hold ids in [0, vocabulary_size={vocabulary_size})"
+            f". Received: an id {bad}"
+        )
+
+
+def _as_array(value):
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)) or keras.ops.is_tensor(value):
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    return None  # not an array: left to the step
+
+
+def check_data(x, y, vocabulary_size, mtp_num_layers):
+    """Checks what `fit`, `evaluate` or `predict` were given, before Keras
+    starts: whole arrays by value, a `tf.data.Dataset` by its spec."""
+    if _is_dataset(x):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        if isinstance(spec, dict):
+            check_structure(spec)
+            check_length(spec["token_ids"].shape[-1], mtp_num_layers)
+        return
+    if isinstance(x, (np.ndarray, list)) or keras.ops.is_tensor(x):
+        check_structure(x)  # raises: a dict is needed
+    if not isinstance(x, dict):
+        return  # a generator or a PyDataset: `call` checks each batch
+    arrays = {key: _as_array(x.get(key)) for key in KEYS}
+    if arrays["token_ids"] is None:
+        return
+    check_structure({k: v for k, v in arrays.items() if v is not None})
+    check_length(arrays["token_ids"].shape[1], mtp_num_layers)
+    check_ids("token_ids", arrays["token_ids"], vocabulary_size)
+    y = _as_array(y)
+    if y is not None:
+        if not _dtype(y).startswith(("int", "uint")):
+            raise ValueError(
+                f"`y` must be integer token ids. Received: dtype={_dtype(y)}"
+            )
+        check_ids("y", y, vocabulary_size)
+
+
+def _is_dataset(x):
+    tf = sys.modules.get("tensorflow")  # a dataset means it is imported
+    return tf is not None and isinstance(x, tf.data.Dataset)

@@ -1,0 +1,181 @@
+"""Bad inputs give one clear error that names the bad value, before Keras
+starts a step, and leave the model usable; nothing is silently wrong."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import VOCAB
+from conftest import make_backbone
+from conftest import make_batch
+from keras import ops
+
+import keras_mtp
+
+
+def make_model(num_layers=2, **kwargs):
+    model = keras_mtp.MTPCausalLM(
+        make_backbone("llama"), mtp_num_layers=num_layers, **kwargs
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def fits(model):
+    """The model still trains and predicts after an error."""
+    x, y, w = make_batch(pad_last=2)
+    history = model.fit(x, y, sample_weight=w, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+    assert np.isfinite(model.predict(x, verbose=0)).all()
+
+
+def test_segment_ids_of_another_shape_raise_naming_both_shapes():
+    model = make_model()
+    x, y, w = make_batch()
+    x = {**x, "segment_ids": np.ones((4, 1), "int32")}  # would broadcast
+    message = r"shape of `token_ids`, \(4, 12\).*segment_ids of shape \(4, 1\)"
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(x, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model(x, training=True)
+    bad_mask = {**x, "segment_ids": None, "padding_mask": np.ones((4, 11))}
+    with pytest.raises(ValueError, match="padding_mask of shape"):
+        model.fit(bad_mask, y, verbose=0)
+    fits(model)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("token_ids", VOCAB, f"an id {VOCAB}"),
+        ("token_ids", -1, "an id -1"),
+        ("y", VOCAB + 5, f"an id {VOCAB + 5}"),
+        ("y", -3, "an id -3"),
+    ],
+)
+def test_ids_out_of_range_raise_naming_the_id(key, value, message):
+    model = make_model()
+    x, y, w = make_batch()
+    if key == "token_ids":
+        x = {**x, "token_ids": x["token_ids"].copy()}
+        x["token_ids"][1, 3] = value
+    else:
+        y = y.copy()
+        y[2, 5] = value
+    message = rf"vocabulary_size={VOCAB}\)\. Received: {message}"
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(x, y, sample_weight=w, verbose=0)
+    if key == "token_ids":
+        with pytest.raises(ValueError, match=message):
+            model.predict(x, verbose=0)
+    fits(model)
+
+
+def test_float_ids_raise():
+    model = make_model()
+    x, y, w = make_batch()
+    floats = {**x, "token_ids": x["token_ids"] + 0.7}  # would truncate
+    with pytest.raises(ValueError, match="`token_ids` must be integers"):
+        model.fit(floats, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match="`token_ids` must be integers"):
+        model(floats)
+    with pytest.raises(ValueError, match="`y` must be integer"):
+        model.fit(x, y.astype("float32"), sample_weight=w, verbose=0)
+    fits(model)
+
+
+def test_too_short_batch_costs_one_error_not_the_model():
+    # On JAX an error inside the first traced step comes after `fit` has
+    # moved the variables out of the model, which then cannot be used.
+    model = make_model(num_layers=3)
+    x, y, w = make_batch(length=4)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 5"):
+        model.fit(x, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 5"):
+        model.evaluate(x, y, sample_weight=w, verbose=0)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 5"):
+        model.fit(
+            *make_batch(),
+            validation_data=(x, y, w),
+            verbose=0,
+        )
+    fits(model)
+    predicted = model.predict(x, verbose=0)  # short inputs predict fine
+    assert predicted.shape == (4, 4, VOCAB)
+
+
+def test_tf_data_spec_is_checked_before_the_step():
+    tf = pytest.importorskip("tensorflow")
+    model = make_model(num_layers=3)
+    x, y, w = make_batch(length=4)
+    short = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(2)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 5"):
+        model.fit(short, verbose=0)
+    x, y, w = make_batch()
+    x = {**x, "segment_ids": np.ones((4, 3), "int32")}
+    wrong = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(2)
+    with pytest.raises(ValueError, match="segment_ids of shape"):
+        model.fit(wrong, verbose=0)
+    fits(model)
+
+
+def test_integer_types_are_accepted_and_bools_refused():
+    backbone = make_backbone("llama")
+    model = keras_mtp.MTPCausalLM(
+        backbone, mtp_num_layers=np.int64(2), loss_chunk_size=np.int32(8)
+    )
+    assert model.mtp_num_layers == 2 and type(model.mtp_num_layers) is int
+    assert model.loss_chunk_size == 8 and type(model.loss_chunk_size) is int
+    assert model.get_config()["mtp_num_layers"] == 2
+    with pytest.raises(ValueError, match="mtp_num_layers=True"):
+        keras_mtp.MTPCausalLM(backbone, mtp_num_layers=True)
+    with pytest.raises(ValueError, match="mtp_num_layers=2.0"):
+        keras_mtp.MTPCausalLM(backbone, mtp_num_layers=2.0)
+    with pytest.raises(ValueError, match="loss_chunk_size=True"):
+        keras_mtp.MTPCausalLM(backbone, loss_chunk_size=True)
+
+
+def test_export_serves_the_main_logits(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    if keras.config.backend() == "torch":
+        return check_torch_export(tmp_path)
+    model = make_model()
+    x, _, _ = make_batch(pad_last=2)
+    expected = ops.convert_to_numpy(model(x))
+    path = os.path.join(tmp_path, "exported")
+    model.export(path, verbose=False)
+    loaded = tf.saved_model.load(path)
+    served = loaded.serve({k: tf.constant(v) for k, v in x.items()})
+    np.testing.assert_allclose(served.numpy(), expected, atol=1e-5)
+    other = {k: v[:2, :7] for k, v in x.items()}  # any batch and length
+    served = loaded.serve(other)
+    np.testing.assert_allclose(
+        served.numpy(), ops.convert_to_numpy(model(other)), atol=1e-5
+    )
+
+
+def check_torch_export(tmp_path):
+    # Keras' SavedModel export needs torch_xla on torch; its own "torch"
+    # format (torch.export) takes static shapes.
+    import torch
+
+    model = make_model()
+    x, _, _ = make_batch(pad_last=2)
+    spec = keras.InputSpec(shape=x["token_ids"].shape, dtype="int32")
+    path = os.path.join(tmp_path, "exported.pt2")
+    model.export(
+        path,
+        format="torch",
+        input_signature=[{"token_ids": spec, "padding_mask": spec}],
+        verbose=False,
+    )
+    program = torch.export.load(path).module()
+    served = program({k: torch.tensor(v) for k, v in x.items()})
+    np.testing.assert_allclose(
+        served.detach().numpy(), ops.convert_to_numpy(model(x)), atol=1e-5
+    )
