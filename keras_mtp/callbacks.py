@@ -10,9 +10,12 @@ class MTPLossScheduler(keras.callbacks.Callback):
 
     `step` is the global count of training batches seen so far: 0-based,
     across epochs, and continued from `optimizer.iterations` when training
-    resumes. The model's `λ` is a non-trainable weight, so a change needs no
-    recompilation; it is only written when the value changes. The current `λ`
-    is added to the epoch logs as `mtp_loss_scaling_factor`.
+    resumes. The step is read at the first batch, after every callback's
+    `on_train_begin`, so a `keras.callbacks.BackupAndRestore` restores it
+    first wherever it stands in the list. The model's `λ` is a non-trainable
+    weight, so a change needs no recompilation; it is only written when the
+    value changes. The current `λ` is added to the epoch logs as
+    `mtp_loss_scaling_factor`.
 
     Args:
         schedule: callable `int -> float`, the `λ` for a step.
@@ -35,7 +38,7 @@ class MTPLossScheduler(keras.callbacks.Callback):
             )
         self.schedule = schedule
         self.verbose = verbose
-        self._epoch_start_step = 0
+        self._epoch_start_step = None
         self._batches_in_epoch = 0
         self._current = None
 
@@ -47,14 +50,19 @@ class MTPLossScheduler(keras.callbacks.Callback):
                 f" Received: {type(model).__name__} with mtp_num_layers="
                 f"{getattr(model, 'mtp_num_layers', None)}"
             )
-        iterations = keras.ops.convert_to_numpy(model.optimizer.iterations)
-        self._epoch_start_step = int(iterations)
+        self._epoch_start_step = None  # read at the first batch
         self._current = float(model.mtp_loss_scaling_factor)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._batches_in_epoch = 0
 
     def on_train_batch_begin(self, batch, logs=None):
+        if self._epoch_start_step is None:
+            # Before the first step: on JAX the optimizer's variables are
+            # still in the model here.
+            iterations = self.model.optimizer.iterations
+            self._epoch_start_step = int(keras.ops.convert_to_numpy(iterations))
+            self._epoch_start_step -= batch
         step = self._epoch_start_step + batch
         value = self.schedule(step)
         check_loss_scaling_factor(value)

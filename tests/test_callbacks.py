@@ -6,6 +6,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 from conftest import make_backbone
 from conftest import make_batch
 
@@ -58,3 +59,52 @@ def test_csv_logger_tensorboard_and_early_stopping_see_mtp_metrics(tmp_path):
             tags |= {f"{run}/{tag}" for tag in events.Tags()["tensors"]}
     for tag in ("epoch_mtp_loss_1", "epoch_mtp_loss_2", "epoch_mtp_accuracy_1"):
         assert f"train/{tag}" in tags and f"validation/{tag}" in tags, tags
+
+
+def test_scheduler_resumes_its_step_after_backup_and_restore(tmp_path):
+    # The scheduler is listed before BackupAndRestore, which restores the
+    # optimizer's step in its own on_train_begin: λ must follow that step.
+    x, y, w = make_batch(batch=8)
+    backup = os.path.join(tmp_path, "backup")
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 0.3 if step < 3 else 0.1
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("preempted")
+
+    def run(extra):
+        keras.utils.set_random_seed(0)
+        model = keras_mtp.MTPCausalLM(make_backbone("llama"), mtp_num_layers=2)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        callbacks = [
+            keras_mtp.callbacks.MTPLossScheduler(schedule),
+            keras.callbacks.BackupAndRestore(backup),
+            *extra,
+        ]
+        history = model.fit(
+            x,
+            y,
+            sample_weight=w,
+            batch_size=4,
+            epochs=3,
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        return model, history.history
+
+    try:
+        run([Interrupt()])
+    except RuntimeError:
+        pass
+    assert seen == [0, 1, 2, 3]  # two epochs of two steps, then preempted
+    seen.clear()
+    model, history = run([])
+    assert seen == [4, 5]  # the third epoch, not step 0 again
+    assert model.mtp_loss_scaling_factor == pytest.approx(0.1)
+    assert history["mtp_loss_scaling_factor"] == [pytest.approx(0.1)]
