@@ -1,5 +1,5 @@
-"""MTPLayer / MTPBlock against an independent NumPy computation of DESIGN.md's
-formula. The backbone's own transformer block and final norm are black boxes
+"""MTPLayer / MTPBlock against independent NumPy code (docs/objective.md).
+The backbone's own transformer block and final norm are black boxes
 here (keras-hub's layers); everything MTP adds is recomputed in NumPy."""
 
 import keras
@@ -19,7 +19,7 @@ def np_(x):
 
 
 def numpy_targets_and_weights(x, m, s, k):
-    """DESIGN.md's rule, written with loops."""
+    """docs/objective.md's rule, written with loops."""
     batch, length = x.shape
     targets = np.zeros_like(x)
     weights = np.zeros(x.shape, "float32")
@@ -122,10 +122,12 @@ def test_block_losses_match_numpy(name, tie, use_segments):
     x, m, s = packed_inputs()
     s = s if use_segments else None
     hidden = np_(backbone({"token_ids": x, "padding_mask": m}))
-    losses = np_(block(hidden, x, m, segment_ids=s))
+    outputs = block(hidden, x, m, segment_ids=s)
     expected = numpy_mtp_losses(block, hidden, x, m, s)
-    np.testing.assert_allclose(losses, expected, atol=1e-5)
-    np.testing.assert_allclose(np_(block.depth_losses), expected, atol=1e-5)
+    np.testing.assert_allclose(np_(outputs["losses"]), expected, atol=1e-5)
+    # The number of valid positions per depth: the NumPy rule's weights.
+    counts = [numpy_targets_and_weights(x, m, s, k)[1].sum() for k in (1, 2, 3)]
+    np.testing.assert_array_equal(np_(outputs["tokens"]), counts)
     # The block adds λ · mean_k L_k, and nothing else, with add_loss.
     assert len(block.losses) == 1
     np.testing.assert_allclose(
@@ -139,8 +141,10 @@ def test_all_padding_batch_gives_zero_mtp_loss():
     x = np.zeros((2, LENGTH), "int32")
     m = np.zeros((2, LENGTH), "int32")
     hidden = backbone({"token_ids": x, "padding_mask": m})
-    losses = np_(block(hidden, x, m))
-    np.testing.assert_array_equal(losses, [0.0, 0.0])
+    outputs = {k: np_(v) for k, v in block(hidden, x, m).items()}
+    np.testing.assert_array_equal(outputs["losses"], [0.0, 0.0])
+    np.testing.assert_array_equal(outputs["accuracies"], [0.0, 0.0])
+    np.testing.assert_array_equal(outputs["tokens"], [0.0, 0.0])
     assert np.isfinite(np_(block.losses[0]))
 
 
