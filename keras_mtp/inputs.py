@@ -129,3 +129,111 @@ def check_data(x, y, vocabulary_size, mtp_num_layers):
 def _is_dataset(x):
     tf = sys.modules.get("tensorflow")  # a dataset means it is imported
     return tf is not None and isinstance(x, tf.data.Dataset)
+
+
+# === Strings, through a keras-hub preprocessor ===
+
+
+def check_preprocessor(preprocessor, vocabulary_size, mtp_num_layers):
+    """A keras-hub `CausalLMPreprocessor` whose ids fit the backbone and
+    whose sequences are long enough for `mtp_num_layers` depths: the
+    tokenizer-driven path checked once, never per batch."""
+    if preprocessor is None:
+        return
+    import keras_hub
+
+    if not isinstance(preprocessor, keras_hub.models.CausalLMPreprocessor):
+        raise ValueError(
+            "`preprocessor` must be a keras-hub `CausalLMPreprocessor` or "
+            f"None. Received: {type(preprocessor).__name__}"
+        )
+    try:
+        size = preprocessor.tokenizer.vocabulary_size()
+    except ValueError:  # loading a saved model: assets come after init
+        size = 0
+    if size > vocabulary_size:
+        raise ValueError(
+            f"The tokenizer has {size} ids but the backbone's embedding only "
+            f"{vocabulary_size}: its ids would be out of range. Received: a "
+            f"tokenizer of vocabulary_size={size}"
+        )
+    check_length(preprocessor.sequence_length, mtp_num_layers)
+
+
+def is_text(x):
+    """Whether `x` is text for a preprocessor: a string, a list or array of
+    strings, or a `tf.data.Dataset` whose elements start with strings."""
+    if isinstance(x, str):
+        return True
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(isinstance(v, str) for v in x)
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "USO"
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        return getattr(spec, "dtype", None) == tf.string
+    return isinstance(x, tf.Tensor) and x.dtype == tf.string
+
+
+def text_dataset(
+    preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=False
+):
+    """`x` (strings, or a batched `tf.data.Dataset` of them) as a dataset of
+    `preprocessor` outputs, `(x, y, sample_weight)`, as keras-hub's tasks
+    feed their `fit`. A `CausalLMPreprocessor` makes `y` and
+    `sample_weight` from the text itself. `shuffle` reshuffles a list of
+    strings every epoch, as Keras' `fit` does with arrays."""
+    import tensorflow as tf
+
+    if y is not None or sample_weight is not None:
+        raise ValueError(
+            "With a preprocessor, text is its own target: pass the strings "
+            "alone. Received: y and/or sample_weight as well"
+        )
+    if isinstance(x, tf.data.Dataset):
+        if batch_size is not None:
+            raise ValueError(
+                "A tf.data.Dataset is already batched: do not pass "
+                f"`batch_size`. Received: batch_size={batch_size}"
+            )
+        ds = x
+    else:
+        x = [x] if isinstance(x, str) else x
+        ds = tf.data.Dataset.from_tensor_slices(x)
+        if shuffle:
+            ds = ds.shuffle(len(x), reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size or 32)
+    return ds.map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )
+
+
+def to_strings(texts):
+    """A preprocessor's detokenized output as a list of Python strings."""
+    if hasattr(texts, "numpy"):
+        texts = texts.numpy()
+    texts = np.asarray(texts, dtype=object).reshape(-1)
+    return [
+        t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts
+    ]
+
+
+def strip_prompt(outputs, prompts):
+    """`generate`'s outputs without the prompt tokens: each row's generated
+    tokens moved to the front, the rest padding (keras-hub's
+    `strip_prompt`)."""
+    token_ids = np.asarray(outputs["token_ids"])
+    new = np.asarray(outputs["padding_mask"], bool) & ~np.asarray(
+        keras.ops.convert_to_numpy(prompts["padding_mask"]), bool
+    )
+    stripped = np.zeros_like(token_ids)
+    mask = np.zeros_like(new)
+    for row, keep in enumerate(new):
+        count = int(keep.sum())
+        stripped[row, :count] = token_ids[row, keep]
+        mask[row, :count] = True
+    return {"token_ids": stripped, "padding_mask": mask}

@@ -94,6 +94,7 @@ class MTPCausalLM(keras.Model):
     def __init__(
         self,
         backbone,
+        preprocessor=None,
         mtp_num_layers=1,
         mtp_loss_scaling_factor=0.1,
         mtp_detach_trunk=False,
@@ -104,6 +105,9 @@ class MTPCausalLM(keras.Model):
         loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
         mtp_num_layers = check_int(mtp_num_layers, "mtp_num_layers")
         check_loss_scaling_factor(mtp_loss_scaling_factor)
+        mtp_inputs.check_preprocessor(
+            preprocessor, backbone.vocabulary_size, mtp_num_layers
+        )
         kwargs.setdefault("dtype", backbone.dtype_policy)
         super().__init__(**kwargs)
 
@@ -115,6 +119,7 @@ class MTPCausalLM(keras.Model):
 
         # === Layers ===
         self.backbone = backbone
+        self.preprocessor = preprocessor
         self.mtp_block = None
         if mtp_num_layers > 0:
             self.mtp_block = MTPBlock(
@@ -211,9 +216,10 @@ class MTPCausalLM(keras.Model):
         self,
         inputs,
         max_length=None,
-        stop_token_ids=None,
+        stop_token_ids="auto",
         speculative="auto",
         return_stats=False,
+        strip_prompt=False,
     ):
         """Greedy decoding, with the MTP heads as drafters.
 
@@ -223,13 +229,18 @@ class MTPCausalLM(keras.Model):
         forward passes. See `keras_mtp.speculative`.
 
         Args:
-            inputs: keras-hub's format, a dict with `token_ids` `(B, T)` and
-                `padding_mask` `(B, T)` marking the prompts; or prompts of
-                equal length, an int array `(B, T)` or `(T,)`.
+            inputs: a prompt string or a list of them (with a
+                `preprocessor`); or keras-hub's token format, a dict with
+                `token_ids` `(B, T)` and `padding_mask` `(B, T)` marking the
+                prompts, or prompts of equal length, an int array `(B, T)`
+                or `(T,)`.
             max_length: int or None. The total length to generate to (the
-                inputs are padded to it); None: the inputs' length `T`.
-            stop_token_ids: ints or None. A row stops at the first of them
-                it generates; generation ends when every row has stopped.
+                prompts are padded to it); None: the preprocessor's
+                `sequence_length` for text, else the inputs' length `T`.
+            stop_token_ids: "auto", ints or None. A row stops at the first
+                of them it generates; generation ends when every row has
+                stopped. "auto": the tokenizer's end token with a
+                preprocessor, else None (generate to `max_length`).
             speculative: bool or "auto" (use the MTP heads if there are
                 any). With `D` depths, each main forward checks `D` drafts.
             return_stats: if True, also return a dict: `forward_passes`
@@ -237,17 +248,51 @@ class MTPCausalLM(keras.Model):
                 `tokens_per_forward` (positions filled per main forward: 1
                 without speculation) and `acceptance` (per depth, the share
                 of its drafts accepted when all earlier ones were).
+            strip_prompt: bool. If True, return only the generated tokens
+                (or text), without the prompt.
 
         Returns:
-            `{"token_ids": (B, max_length), "padding_mask": (B, max_length)}`
-            as NumPy arrays, the mask marking the prompt and the generated
-            tokens up to each row's stop token; and the stats if asked.
+            For text, a string (or a list of them, one per prompt). For
+            tokens, `{"token_ids": (B, max_length), "padding_mask": (B,
+            max_length)}` as NumPy arrays, the mask marking the prompt and
+            the generated tokens up to each row's stop token. And the stats
+            if asked.
         """
         from keras_mtp import speculative as speculative_lib
 
+        text = mtp_inputs.is_text(inputs)
+        if text and self.preprocessor is None:
+            raise ValueError(
+                "generate() received text but the model has no "
+                "`preprocessor`: attach one (`MTPCausalLM(backbone, "
+                "preprocessor)` or `from_preset`) or pass token ids. "
+                f"Received: {inputs!r:.80}"
+            )
+        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+            stop_token_ids = None
+            if self.preprocessor is not None:
+                tokenizer = self.preprocessor.tokenizer
+                stop_token_ids = [tokenizer.end_token_id]
+                if hasattr(tokenizer, "end_token2_id"):
+                    stop_token_ids.append(tokenizer.end_token2_id)
+        prompts = inputs
+        if text:
+            batch = [inputs] if isinstance(inputs, str) else list(inputs)
+            prompts = self.preprocessor.generate_preprocess(
+                batch, sequence_length=max_length
+            )
+            prompts = {k: ops.convert_to_numpy(v) for k, v in prompts.items()}
+            max_length = prompts["token_ids"].shape[1]
         outputs, stats = speculative_lib.generate(
-            self, inputs, max_length, stop_token_ids, speculative
+            self, prompts, max_length, stop_token_ids, speculative
         )
+        if strip_prompt:
+            outputs = mtp_inputs.strip_prompt(outputs, prompts)
+        if text:
+            outputs = mtp_inputs.to_strings(
+                self.preprocessor.generate_postprocess(outputs)
+            )
+            outputs = outputs[0] if isinstance(inputs, str) else outputs
         return (outputs, stats) if return_stats else outputs
 
     def test_step(self, *args, **kwargs):
@@ -385,29 +430,77 @@ class MTPCausalLM(keras.Model):
         tokens = ops.cast(ops.size(y), "float32")
         return losses[0] * ops.maximum(weight, 1.0) / tokens
 
-    def _check_data(self, x, y=None):
+    def _prepare(
+        self, x, y, sample_weight, batch_size, step=True, shuffle=False
+    ):
+        """Text through the preprocessor into a dataset; anything else
+        checked (before Keras starts: on JAX, an error inside the first
+        traced step would leave the variables moved out of the model)."""
+        if self.preprocessor is not None and mtp_inputs.is_text(x):
+            mtp_inputs.check_preprocessor(
+                self.preprocessor,
+                self.backbone.vocabulary_size,
+                self.mtp_num_layers if step else 0,
+            )
+            x = mtp_inputs.text_dataset(
+                self.preprocessor, x, y, sample_weight, batch_size, shuffle
+            )
+            return x, None, None, None
         mtp_inputs.check_data(
-            x, y, self.backbone.vocabulary_size, self.mtp_num_layers
+            x,
+            y,
+            self.backbone.vocabulary_size,
+            self.mtp_num_layers if step else 0,
+        )
+        return x, y, sample_weight, batch_size
+
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        validation = kwargs.get("validation_data")
+        split = kwargs.pop("validation_split", None)
+        if split and self.preprocessor is not None and mtp_inputs.is_text(x):
+            # Keras splits arrays, not datasets: split the texts first, the
+            # last `split` share for validation as Keras does.
+            texts = [x] if isinstance(x, str) else list(x)
+            cut = int(len(texts) * (1 - split))
+            x, validation = texts[:cut], texts[cut:]
+        elif split:
+            kwargs["validation_split"] = split
+        if validation is not None:
+            if mtp_inputs.is_text(validation) or not isinstance(
+                validation, (tuple, list)
+            ):
+                validation = (validation,)
+            vx, vy, vw = keras.utils.unpack_x_y_sample_weight(tuple(validation))
+            size = kwargs.get("validation_batch_size") or batch_size
+            vx, vy, vw, size = self._prepare(vx, vy, vw, size)
+            if size is None:  # text, batched here
+                kwargs.pop("validation_batch_size", None)
+            kwargs["validation_data"] = keras.utils.pack_x_y_sample_weight(
+                vx, vy, vw
+            )
+        if self.preprocessor is not None and mtp_inputs.is_text(x):
+            shuffle = kwargs.pop("shuffle", True)  # done in the dataset
+            kwargs["shuffle"] = False
+        else:
+            shuffle = False
+        x, y, sample_weight, batch_size = self._prepare(
+            x, y, kwargs.pop("sample_weight", None), batch_size, True, shuffle
+        )
+        return super().fit(
+            x, y, batch_size, *args, sample_weight=sample_weight, **kwargs
         )
 
-    def fit(self, x=None, y=None, *args, **kwargs):
-        # Checked before Keras starts: on JAX, an error inside the first
-        # traced step would leave the variables moved out of the model.
-        self._check_data(x, y)
-        validation = kwargs.get("validation_data")
-        if isinstance(validation, (tuple, list)):
-            self._check_data(*validation[:2])
-        elif validation is not None:
-            self._check_data(validation)
-        return super().fit(x, y, *args, **kwargs)
+    def evaluate(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        x, y, sample_weight, batch_size = self._prepare(
+            x, y, kwargs.pop("sample_weight", None), batch_size
+        )
+        return super().evaluate(
+            x, y, batch_size, *args, sample_weight=sample_weight, **kwargs
+        )
 
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_data(x, y)
-        return super().evaluate(x, y, *args, **kwargs)
-
-    def predict(self, x, *args, **kwargs):
-        mtp_inputs.check_data(x, None, self.backbone.vocabulary_size, 0)
-        return super().predict(x, *args, **kwargs)
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        x, _, _, batch_size = self._prepare(x, None, None, batch_size, False)
+        return super().predict(x, batch_size, *args, **kwargs)
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """`keras.Model.export` of the inference path: `token_ids` and
@@ -429,11 +522,64 @@ class MTPCausalLM(keras.Model):
                 )
         return super().export(filepath, format=format, **kwargs)
 
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """An `MTPCausalLM` from a keras-hub preset.
+
+        The backbone and its preprocessor come from keras-hub's
+        `from_preset` (a built-in name, `"kaggle://..."`, `"hf://..."` or a
+        local directory; under a `keras.distribution` scope the weights are
+        created with its layout). The MTP depths are loaded from the preset
+        when it has them (a preset written by `save_to_preset`), freshly
+        initialized otherwise; one printed line says which. A preset saved
+        with more depths than asked for gives its first ones; with fewer,
+        the rest are initialized.
+
+        Args:
+            preset: str. Anything keras-hub's `from_preset` takes.
+            load_weights: bool. If False, every weight is initialized.
+            **kwargs: `MTPCausalLM` arguments (`mtp_num_layers`,
+                `mtp_loss_scaling_factor`, `mtp_detach_trunk`,
+                `loss_chunk_size`, `preprocessor`, `backbone`). The MTP
+                settings default to the preset's own, else to the
+                constructor's defaults.
+
+        Example:
+
+        ```python
+        model = keras_mtp.MTPCausalLM.from_preset(
+            "gemma3_1b", mtp_num_layers=1)
+        model.backbone.trainable = False  # train the MTP heads alone
+        model.compile(optimizer=keras.optimizers.Adam(1e-4))
+        model.fit(["some text", "more text"], batch_size=8)
+        model.generate("def fib(n):", max_length=64)
+        model.save_to_preset("./gemma3_1b_mtp")
+        ```
+        """
+        from keras_mtp import presets
+
+        return presets.from_preset(cls, preset, load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Writes a keras-hub preset to the directory `preset_dir`: the
+        backbone and preprocessor as keras-hub writes them (so
+        `keras_hub.models.Backbone.from_preset` and `CausalLM.from_preset`
+        still load the trunk) and the MTP depths and settings
+        (`mtp.weights.h5`, `mtp.json`) for `MTPCausalLM.from_preset`."""
+        from keras_mtp import presets
+
+        presets.save_to_preset(self, preset_dir)
+
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "preprocessor": (
+                    None
+                    if self.preprocessor is None
+                    else keras.saving.serialize_keras_object(self.preprocessor)
+                ),
                 "mtp_num_layers": self.mtp_num_layers,
                 "mtp_loss_scaling_factor": self.initial_mtp_loss_scaling_factor,
                 "mtp_detach_trunk": self.mtp_detach_trunk,
@@ -445,7 +591,7 @@ class MTPCausalLM(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(
-            config["backbone"]
-        )
+        for key in ("backbone", "preprocessor"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)

@@ -1,0 +1,243 @@
+"""A pretrained keras-hub preset, as a user drives it: from_preset, fit on
+strings, generate text, save_to_preset, from_preset again. The presets are
+tiny models with tiny tokenizers that the tests save to local directories
+(nothing downloads)."""
+
+import io
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_mtp
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ate the bone",
+    "the bird sang a song",
+    "my cat and the dog",
+    "a mat on the cat",
+    "the song of a bird",
+    "dogs and cats sat",
+    "the bone of the dog",
+]
+LENGTH = 12
+
+
+def gpt2_preset(directory):
+    chars = sorted(set("".join(TEXTS).replace(" ", "")))
+    vocab = {"Ġ": 0}  # keras-hub pads GPT-2 with id 0: not the end token
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab["Ġ" + c] = len(vocab)
+    vocab["th"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary=vocab, merges=["t h"] + [f"Ġ {c}" for c in chars]
+    )
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(vocab) + 4,  # a few more rows than ids
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+        dropout=0.0,
+    )
+    return save_preset(directory, backbone, tokenizer, "GPT2")
+
+
+def llama_preset(directory):
+    """A SentencePiece family: a tiny model trained here."""
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 4),
+        model_writer=proto,
+        vocab_size=40,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=3,
+        bos_id=1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    tokenizer = keras_hub.models.LlamaTokenizer(proto=proto.getvalue())
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=40,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    return save_preset(directory, backbone, tokenizer, "Llama")
+
+
+def save_preset(directory, backbone, tokenizer, family):
+    """A plain keras-hub preset, as `CausalLM.save_to_preset` writes it."""
+    preprocessor = getattr(keras_hub.models, f"{family}CausalLMPreprocessor")(
+        tokenizer=tokenizer, sequence_length=LENGTH
+    )
+    task = getattr(keras_hub.models, f"{family}CausalLM")(
+        backbone=backbone, preprocessor=preprocessor
+    )
+    path = os.path.join(directory, family.lower())
+    task.save_to_preset(path)
+    return path
+
+
+PRESETS = {"gpt2": gpt2_preset, "llama": llama_preset}
+
+
+def values(variables):
+    return [ops.convert_to_numpy(v) for v in variables]
+
+
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_preset_to_strings_to_preset(family, tmp_path, capsys):
+    preset = PRESETS[family](str(tmp_path))
+    model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=2)
+    assert "2 MTP depth(s) freshly initialized" in capsys.readouterr().out
+    assert isinstance(model.preprocessor, keras_hub.models.CausalLMPreprocessor)
+    hub = keras_hub.models.CausalLM.from_preset(preset)
+    for ours, theirs in zip(model.backbone.weights, hub.backbone.weights):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(ours), ops.convert_to_numpy(theirs)
+        )
+
+    # Strings in: the preprocessor makes x, y and the weights.
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = model.fit(
+        TEXTS, batch_size=4, epochs=3, validation_split=0.25, verbose=0
+    ).history
+    assert history["loss"][-1] < history["loss"][0]
+    assert np.isfinite(history["val_mtp_loss_2"]).all()
+    logs = model.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    assert logs["mtp_loss_1"] > 0
+
+    # Strings out: the main model's greedy text, with speculation.
+    text, stats = model.generate(
+        "the cat", max_length=LENGTH, return_stats=True
+    )
+    assert isinstance(text, str) and text.startswith("the cat")
+    assert stats["forward_passes"] >= 1
+    assert model.generate(["the cat"], max_length=LENGTH) == [text]
+    hub.backbone.set_weights(model.backbone.get_weights())
+    hub.compile(sampler="greedy")
+    assert text == hub.generate("the cat", max_length=LENGTH)
+    plain = model.generate("the cat", max_length=LENGTH, speculative=False)
+    assert plain == text
+    stripped = model.generate("the cat", max_length=LENGTH, strip_prompt=True)
+    assert stripped == hub.generate(
+        "the cat", max_length=LENGTH, strip_prompt=True
+    )
+
+    # Round trip: same predictions, same MTP losses.
+    saved = os.path.join(str(tmp_path), "mtp_preset")
+    model.mtp_loss_scaling_factor = 0.25
+    model.save_to_preset(saved)
+    capsys.readouterr()
+    loaded = keras_mtp.MTPCausalLM.from_preset(saved)
+    assert "MTP depths 1-2 loaded" in capsys.readouterr().out
+    assert loaded.mtp_num_layers == 2
+    assert loaded.mtp_loss_scaling_factor == pytest.approx(0.25)
+    np.testing.assert_allclose(
+        loaded.predict(TEXTS, verbose=0),
+        model.predict(TEXTS, verbose=0),
+        atol=1e-6,
+    )
+    loaded.compile(optimizer="adam")
+    again = loaded.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    for key in ("main_loss", "mtp_loss_1", "mtp_loss_2", "mtp_accuracy_2"):
+        np.testing.assert_allclose(again[key], logs[key], rtol=1e-5)
+    # Plain keras-hub still loads the trunk.
+    trunk = keras_hub.models.Backbone.from_preset(saved)
+    for a, b in zip(values(trunk.weights), values(model.backbone.weights)):
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(
+        keras_hub.models.CausalLM.from_preset(saved), keras_hub.models.CausalLM
+    )
+
+    # Other depth counts: a prefix of the chain, or more fresh depths.
+    one = keras_mtp.MTPCausalLM.from_preset(saved, mtp_num_layers=1)
+    assert "depths 2-2 unused" in capsys.readouterr().out
+    for a, b in zip(
+        values(one.mtp_block.mtp_layers[0].weights),
+        values(model.mtp_block.mtp_layers[0].weights),
+    ):
+        np.testing.assert_array_equal(a, b)
+    three = keras_mtp.MTPCausalLM.from_preset(saved, mtp_num_layers=3)
+    assert "depths 3-3 freshly initialized" in capsys.readouterr().out
+    for a, b in zip(
+        values(three.mtp_block.mtp_layers[1].weights),
+        values(model.mtp_block.mtp_layers[1].weights),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    # The .keras format keeps the preprocessor too.
+    path = os.path.join(str(tmp_path), "m.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.preprocessor.get_config() == model.preprocessor.get_config()
+    np.testing.assert_allclose(
+        reloaded.predict(TEXTS, verbose=0),
+        model.predict(TEXTS, verbose=0),
+        atol=1e-6,
+    )
+
+
+def test_frozen_trunk_trains_only_the_heads(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    preset = gpt2_preset(str(tmp_path))
+    model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
+    model.backbone.trainable = False  # the heads-only fine-tune
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    trunk = values(model.backbone.weights)
+    layer = model.mtp_block.mtp_layers[0]  # the block also holds the
+    heads = values(layer.weights)  # shared (frozen) embedding: not these
+    history = model.fit(  # a tf.data.Dataset of strings, and validation
+        tf.data.Dataset.from_tensor_slices(TEXTS).batch(4),
+        validation_data=TEXTS[:2],
+        epochs=2,
+        verbose=0,
+    ).history
+    assert np.isfinite(history["val_mtp_loss"]).all()
+    for before, after in zip(trunk, values(model.backbone.weights)):
+        np.testing.assert_array_equal(before, after)
+    for before, after, v in zip(heads, values(layer.weights), layer.weights):
+        assert np.abs(after - before).max() > 0, v.path
+
+
+def test_preprocessor_must_fit_the_backbone(tmp_path):
+    preset = gpt2_preset(str(tmp_path))
+    preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset)
+    small = keras_hub.models.GPT2Backbone(
+        vocabulary_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+    size = preprocessor.tokenizer.vocabulary_size()
+    with pytest.raises(
+        ValueError, match=f"tokenizer of vocabulary_size={size}"
+    ):
+        keras_mtp.MTPCausalLM(small, preprocessor)
+    preprocessor.sequence_length = 3
+    backbone = keras_hub.models.Backbone.from_preset(preset)
+    with pytest.raises(ValueError, match="at least num_layers \\+ 2 = 4"):
+        keras_mtp.MTPCausalLM(backbone, preprocessor, mtp_num_layers=2)
+    preprocessor.sequence_length = LENGTH
+    model = keras_mtp.MTPCausalLM(backbone, preprocessor, mtp_num_layers=1)
+    with pytest.raises(ValueError, match="text is its own target"):
+        model.fit(TEXTS, np.zeros((8, LENGTH)), verbose=0)
+    with pytest.raises(ValueError, match="no `preprocessor`"):
+        keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1).generate("a")
