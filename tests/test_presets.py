@@ -72,8 +72,8 @@ def llama_preset(directory):
     backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=40,
         num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
+        num_query_heads=4,  # shardable on a 2 x 4 mesh
+        num_key_value_heads=2,
         hidden_dim=16,
         intermediate_dim=32,
     )
@@ -241,3 +241,30 @@ def test_preprocessor_must_fit_the_backbone(tmp_path):
         model.fit(TEXTS, np.zeros((8, LENGTH)), verbose=0)
     with pytest.raises(ValueError, match="no `preprocessor`"):
         keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1).generate("a")
+
+
+def test_from_preset_under_a_distribution_creates_sharded_weights(tmp_path):
+    if keras.config.backend() != "jax":
+        pytest.skip("keras.distribution shards weights on JAX")
+    preset = llama_preset(str(tmp_path))
+    devices = keras.distribution.list_devices()[:8]
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
+    reference = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
+    layout_map = keras_mtp.distribution.get_layout_map(reference, mesh)
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+    with distribution.scope():
+        model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
+    sharded = [
+        v
+        for v in model.weights
+        if len(v.value.sharding.device_set) == 8
+        and v.value.addressable_shards[0].data.size < v.value.size
+    ]
+    paths = {v.path for v in sharded}
+    assert any(p.startswith("mtp_block/mtp_layer_1/projection") for p in paths)
+    assert any(p.startswith("transformer_layer_0/") for p in paths), paths
+    # The loaded trunk equals the unsharded one.
+    for a, b in zip(
+        values(model.backbone.weights), values(reference.backbone.weights)
+    ):
+        np.testing.assert_array_equal(a, b)
