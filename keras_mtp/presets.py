@@ -22,6 +22,8 @@ import os
 import keras
 import numpy as np
 
+from keras_mtp import hf_mtp
+
 MTP_CONFIG_FILE = "mtp.json"
 MTP_WEIGHTS_FILE = "mtp.weights.h5"
 # Saved in mtp.json; `from_preset` arguments override them.
@@ -79,11 +81,17 @@ def from_preset(cls, preset, load_weights=True, **kwargs):
     depths = model.mtp_num_layers
     if not depths:
         return model
-    loaded = 0
+    loaded, source = 0, f"loaded from {preset!r}"
     weights_path = _preset_file(preset, MTP_WEIGHTS_FILE)
     if load_weights and weights_path is not None:
         loaded = load_mtp_weights(model, weights_path)
-    source = f"loaded from {preset!r}" if loaded else "freshly initialized"
+    elif load_weights and hf_mtp.takes_hf_mtp(model.backbone):
+        # A Hugging Face Qwen3.5 checkpoint's own trained MTP layer.
+        if hf_mtp.has_hf_mtp(preset):
+            loaded = hf_mtp.load_hf_mtp_weights(model, preset)
+            source = f"loaded from the `mtp.*` tensors of {preset!r}"
+    if not loaded:
+        source = "freshly initialized"
     message = f"keras_mtp: MTP depths 1-{loaded} {source}"
     if loaded == 0:
         message = f"keras_mtp: {depths} MTP depth(s) {source}"
