@@ -570,6 +570,20 @@ class MTPCausalLM(keras.Model):
 
         presets.save_to_preset(self, preset_dir)
 
+    def export_to_transformers(self, path):
+        """keras-hub's Hugging Face export of the trunk (and tokenizer, with
+        a preprocessor), plus MTP depth 1 as the `mtp.*` tensors where the
+        family's own checkpoints carry them (Qwen3.5; see
+        `keras_mtp.hf_mtp`). Other families have no Hugging Face layout for
+        MTP weights: `save_to_preset` keeps them."""
+        from keras_mtp import hf_mtp
+
+        task = backbones.causal_lm(self.backbone)
+        task.preprocessor = self.preprocessor
+        task.export_to_transformers(path)
+        if self.mtp_num_layers and hf_mtp.takes_hf_mtp(self.backbone):
+            hf_mtp.save_hf_mtp_weights(self, path)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -647,3 +647,36 @@ def test_from_preset_loads_the_checkpoints_mtp_layer(ckpt, capsys):
     loaded = [numpy_value(v) for v in model.mtp_block.mtp_layers[0].weights]
     for a, b in zip(loaded, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_to_transformers_carries_the_mtp_layer(tmp_path, capsys):
+    # keras-hub exports Qwen3_5Backbone (dense) only; untied heads lose
+    # `lm_head` in keras-hub 0.32's export, so the trunk here is tied.
+    keras.utils.set_random_seed(3)
+    backbone = backbones.tiny_backbone(
+        "qwen3_5", vocabulary_size=VOCAB, tie_word_embeddings=True
+    )
+    model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1)
+    for v in model.mtp_block.mtp_layers[0].weights:  # not the initial ones
+        v.assign(np.random.default_rng(0).normal(size=v.shape) * 0.1 + 1)
+    path = str(tmp_path / "hf")
+    model.export_to_transformers(path)
+    capsys.readouterr()
+    loaded = keras_mtp.MTPCausalLM.from_preset(path, preprocessor=None)
+    assert "loaded from the `mtp.*` tensors" in capsys.readouterr().out
+    for a, b in zip(
+        model.mtp_block.mtp_layers[0].weights,
+        loaded.mtp_block.mtp_layers[0].weights,
+    ):
+        np.testing.assert_allclose(
+            numpy_value(b), numpy_value(a), atol=1e-6, err_msg=a.path
+        )
+    x = {
+        "token_ids": np.arange(1, 9, dtype="int32")[None] % VOCAB,
+        "padding_mask": np.ones((1, 8), "int32"),
+    }
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)),
+        keras.ops.convert_to_numpy(model(x)),
+        atol=1e-5,
+    )
