@@ -182,34 +182,62 @@ def is_text(x):
 def text_dataset(
     preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=False
 ):
-    """`x` (strings, or a batched `tf.data.Dataset` of them) as a dataset of
+    """`x` (strings, or a batched `tf.data.Dataset` of them) as batches of
     `preprocessor` outputs, `(x, y, sample_weight)`, as keras-hub's tasks
     feed their `fit`. A `CausalLMPreprocessor` makes `y` and
     `sample_weight` from the text itself. `shuffle` reshuffles a list of
     strings every epoch, as Keras' `fit` does with arrays."""
-    import tensorflow as tf
-
     if y is not None or sample_weight is not None:
         raise ValueError(
             "With a preprocessor, text is its own target: pass the strings "
             "alone. Received: y and/or sample_weight as well"
         )
-    if isinstance(x, tf.data.Dataset):
-        if batch_size is not None:
-            raise ValueError(
-                "A tf.data.Dataset is already batched: do not pass "
-                f"`batch_size`. Received: batch_size={batch_size}"
-            )
-        ds = x
-    else:
-        x = [x] if isinstance(x, str) else x
-        ds = tf.data.Dataset.from_tensor_slices(x)
-        if shuffle:
-            ds = ds.shuffle(len(x), reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size or 32)
-    return ds.map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+    if not _is_dataset(x):
+        texts = [x] if isinstance(x, str) else [str(t) for t in x]
+        return TextBatches(preprocessor, texts, batch_size or 32, shuffle)
+    import tensorflow as tf
+
+    if batch_size is not None:
+        raise ValueError(
+            "A tf.data.Dataset is already batched: do not pass "
+            f"`batch_size`. Received: batch_size={batch_size}"
+        )
+    return x.map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE
     )
+
+
+class TextBatches(keras.utils.PyDataset):
+    """Batches of a list of strings through a preprocessor, run eagerly.
+
+    Not a `tf.data` map: a traced map holds the tokenizer's TensorFlow
+    resource (SentencePiece), which `keras.utils.set_random_seed` destroys
+    when it clears TensorFlow's caches. The order is reshuffled every epoch
+    with NumPy's global generator (which `set_random_seed` seeds).
+    """
+
+    def __init__(self, preprocessor, texts, batch_size, shuffle):
+        super().__init__()
+        self.preprocessor = preprocessor
+        self.texts = texts
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.order = np.arange(len(texts))
+        self.on_epoch_end()
+
+    def __len__(self):
+        return -(-len(self.texts) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size :][: self.batch_size]
+        batch = self.preprocessor([self.texts[i] for i in rows])
+        return keras.tree.map_structure(
+            lambda t: np.asarray(keras.ops.convert_to_numpy(t)), batch
+        )
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.order = np.random.permutation(len(self.texts))
 
 
 def to_strings(texts):
