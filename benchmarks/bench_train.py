@@ -24,7 +24,15 @@ compiled train step (deterministic: `memory_analysis()` of the same
 `jax.jit(model.train_step)` the Keras trainer runs: forward, backward, Adam).
 
 `--chunk N` passes `loss_chunk_size=N` to `MTPCausalLM` (every D) when the
-installed version takes it. `--reference` also times the plain JAX + optax
+installed version takes it. `--compare-chunk N [N ...]` times, for every
+(V, D), the dense model next to one with `loss_chunk_size=N` for each N, all
+in the same alternating rounds, and reports chunked / dense per (V, D, N)
+(median of paired rounds):
+
+    python benchmarks/bench_train.py --vocab 32768 --depths 0 2 \
+        --compare-chunk 128 256 --out chunk.json
+
+`--reference` also times the plain JAX + optax
 model of `benchmarks/reference_jax.py` (same configs, weights, batch and
 Adam), interleaved with the Keras steps, and reports keras_mtp / plain JAX.
 """
@@ -34,6 +42,7 @@ import dataclasses
 import datetime
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -204,6 +213,11 @@ def run(args):
             file=sys.stderr,
         )
         chunk = None
+    chunks = [chunk]  # loss_chunk_size of each model built per (V, D)
+    if args.compare_chunk:
+        if not chunk_supported():
+            sys.exit("--compare-chunk: this MTPCausalLM has no chunked loss")
+        chunks = [None] + list(args.compare_chunk)
     reference = None
     if args.reference:
         reference = load_reference()
@@ -214,9 +228,11 @@ def run(args):
     configs = []  # built, compiled and warmed up before any timing
     for vocab in args.vocab:
         batch = make_batch(sizes, vocab)
-        for depth in args.depths:
+        for depth, size in itertools.product(args.depths, chunks):
             name = f"V={vocab} D={depth}"
-            model = make_model(sizes, vocab, depth, chunk)
+            if args.compare_chunk:
+                name += f" chunk={size or '-'}"
+            model = make_model(sizes, vocab, depth, size)
             x, y, w = batch
             t = time.perf_counter()
             for _ in range(args.warmup):  # the first call compiles
@@ -226,6 +242,7 @@ def run(args):
                 name=name,
                 vocab=vocab,
                 depth=depth,
+                chunk=size,
                 step=lambda m=model, b=batch: m.train_on_batch(
                     b[0], b[1], sample_weight=b[2]
                 ),
@@ -264,7 +281,8 @@ def run(args):
     timing_s = time.perf_counter() - t
 
     tokens = sizes.batch_size * sizes.sequence_length
-    base = {c["vocab"]: c for c in configs if c["depth"] == 0}
+    base = {(c["vocab"], c["chunk"]): c for c in configs if c["depth"] == 0}
+    dense = {(c["vocab"], c["depth"]): c for c in configs if not c["chunk"]}
     rows = []
     for c in configs:
         predicted = flops.predicted_step_ratio(
@@ -281,6 +299,7 @@ def run(args):
             config=c["name"],
             vocab=c["vocab"],
             depth=c["depth"],
+            loss_chunk_size=c["chunk"],
             params=c["params"],
             median_wall_ms=1e3 * wall,
             median_cpu_ms=1e3 * cpu,
@@ -293,11 +312,19 @@ def run(args):
             ),
             warmup_s=c["warmup_s"],
         )
-        b = base.get(c["vocab"])
+        b = base.get((c["vocab"], c["chunk"]))
         if b is not None:
             row["cpu_ratio"] = median_ratio(c["step_cpu"], b["step_cpu"])
             row["wall_ratio"] = median_ratio(c["step_wall"], b["step_wall"])
             row["cpu_ratio_over_predicted"] = row["cpu_ratio"] / predicted
+        b = dense.get((c["vocab"], c["depth"]))
+        if args.compare_chunk and c["chunk"] and b is not None:
+            row["chunk_over_dense_cpu"] = median_ratio(
+                c["step_cpu"], b["step_cpu"]
+            )
+            row["chunk_over_dense_wall"] = median_ratio(
+                c["step_wall"], b["step_wall"]
+            )
         if reference is not None:
             row["reference_median_cpu_ms"] = 1e3 * statistics.median(
                 c["reference_step_cpu"]
@@ -327,6 +354,7 @@ def run(args):
             warmup_steps=args.warmup,
             optimizer=f"Adam({LEARNING_RATE})",
             loss_chunk_size=chunk,
+            compare_chunk=args.compare_chunk,
             reference=reference is not None,
             quick=args.quick,
         ),
@@ -390,6 +418,32 @@ def markdown(result):
     return "\n".join(lines)
 
 
+def chunk_markdown(result):
+    """`--compare-chunk`: chunked / dense step time per (V, D) and chunk."""
+    sizes = result["config"]["compare_chunk"]
+    header = "| V | D | dense CPU ms/step |" + "".join(
+        f" chunk={n} CPU ms | chunk={n} / dense (CPU) | (wall) |" for n in sizes
+    )
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    rows = {
+        (r["vocab"], r["depth"], r["loss_chunk_size"]): r
+        for r in result["rows"]
+    }
+    for r in result["rows"]:
+        if r["loss_chunk_size"]:
+            continue
+        line = f"| {r['vocab']} | {r['depth']} | {r['median_cpu_ms']:.0f} |"
+        for n in sizes:
+            c = rows[r["vocab"], r["depth"], n]
+            line += (
+                f" {c['median_cpu_ms']:.0f} "
+                f"| {c['chunk_over_dense_cpu']:.3f} "
+                f"| {c['chunk_over_dense_wall']:.3f} |"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=None)
@@ -405,6 +459,14 @@ def main(argv=None):
         type=int,
         default=None,
         help="loss_chunk_size, if this MTPCausalLM takes it",
+    )
+    parser.add_argument(
+        "--compare-chunk",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="time dense and loss_chunk_size=N models side by side",
     )
     parser.add_argument(
         "--reference",
@@ -423,6 +485,8 @@ def main(argv=None):
         args.steps = 2
     if 0 not in args.depths:
         parser.error("--depths must include 0: ratios are to D=0")
+    if args.compare_chunk and args.chunk is not None:
+        parser.error("--chunk and --compare-chunk exclude each other")
 
     result = run(args)
     c = result["config"]
@@ -438,6 +502,9 @@ def main(argv=None):
         f"{m['jax']}, keras {m['keras']}, keras-hub {m['keras_hub']}\n"
     )
     print(markdown(result))
+    if args.compare_chunk:
+        print("\nchunked / dense (median of paired rounds)\n")
+        print(chunk_markdown(result))
     print(
         f"\nsetup (build, compile, warm-up, memory analysis): "
         f"{result['setup_s']:.0f} s; timing: {result['timing_s']:.0f} s"

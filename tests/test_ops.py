@@ -1,8 +1,10 @@
 import keras
+import keras_hub
 import numpy as np
 import pytest
 from keras import ops
 
+from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
 
 
@@ -203,3 +205,131 @@ def test_chunked_cross_entropy_bad_chunk_size():
             np.zeros((1, 2)),
             0,
         )
+
+
+def make_head(kind):
+    """`(head, kernel)` of a keras-hub `ReversibleEmbedding` (V=11, d=6), as
+    MTPCausalLM reads it: `backbones.apply_head` and `head_kernel`."""
+    keras.utils.set_random_seed(0)
+    embedding = keras_hub.layers.ReversibleEmbedding(
+        11,
+        6,
+        tie_weights=kind != "untied",
+        logit_soft_cap=2.0 if kind == "soft_cap" else None,
+        reverse_dtype="float32" if kind == "soft_cap" else None,
+        embeddings_initializer="normal",
+    )
+    embedding.build((None,))
+    kernel = np_(backbones.head_kernel(embedding, detach=True))
+
+    def head(hidden, kernel):
+        return backbones.apply_head(embedding, hidden, kernel)
+
+    return head, kernel
+
+
+def group_losses(head, hidden, kernel, targets, weights, chunk_size=None):
+    """`(losses, accuracies)` per group: chunked, or dense when no chunk."""
+    if chunk_size:
+        return mtp_ops.chunked_cross_entropy(
+            hidden, kernel, targets, weights, chunk_size, head=head
+        )
+    losses, accuracies = [], []
+    for g in range(hidden.shape[0]):
+        logits = head(hidden[g], kernel)
+        losses.append(
+            mtp_ops.masked_cross_entropy(logits, targets[g], weights[g])
+        )
+        accuracies.append(
+            mtp_ops.masked_accuracy(logits, targets[g], weights[g])
+        )
+    return ops.stack(losses), ops.stack(accuracies)
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied", "soft_cap"])
+@pytest.mark.parametrize("coefficients", [(1, 1, 1), (1, 0.5, -2)])
+def test_chunked_gradients_equal_dense_for_every_head(kind, coefficients):
+    # 3 groups of 2 x 5 tokens in chunks of 4 (padded); group 1 has no
+    # weight at all. Equal coefficients keep the fused kernel gradient;
+    # others make the backward pass recompute it per chunk.
+    head, kernel = make_head(kind)
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(3, 2, 5, 6)).astype("float32")
+    targets = rng.integers(0, 11, size=(3, 2, 5))
+    weights = rng.integers(0, 2, size=(3, 2, 5)).astype("float32")
+    weights[1] = 0.0
+    coefficients = np.array(coefficients, "float32")
+
+    def loss(chunk_size):
+        def fn(h, k):
+            losses, _ = group_losses(head, h, k, targets, weights, chunk_size)
+            return ops.sum(ops.multiply(losses, coefficients))
+
+        return fn
+
+    dense = group_losses(head, hidden, kernel, targets, weights)
+    chunked = group_losses(head, hidden, kernel, targets, weights, 4)
+    for a, b in zip(dense, chunked):
+        np.testing.assert_allclose(np_(a), np_(b), atol=1e-6)
+    assert np_(chunked[0])[1] == 0.0 and np_(chunked[1])[1] == 0.0
+    for index in (0, 1):  # the hidden states, the kernel
+        (value, grad), (dense_value, dense_grad) = [
+            value_and_grad(loss(c), hidden, kernel, index) for c in (4, None)
+        ]
+        np.testing.assert_allclose(value, dense_value, atol=1e-5)
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_allclose(grad, dense_grad, atol=1e-5)
+        if index == 0:
+            np.testing.assert_array_equal(grad[1], 0.0)  # no weight, no grad
+
+
+def test_chunked_all_zero_weights_give_zero_loss_and_gradient():
+    head, kernel = make_head("tied")
+    hidden = np.ones((1, 8, 6), "float32")
+    zero = np.zeros((1, 8), "float32")
+
+    def fn(h, k):
+        return mtp_ops.chunked_cross_entropy(h, k, zero, zero, 3, head)[0][0]
+
+    for index in (0, 1):
+        value, grad = value_and_grad(fn, hidden, kernel, index)
+        assert value == 0.0
+        np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_chunked_hidden_gradient_with_detached_kernel():
+    # MTP's detach_trunk passes a stop_gradient'ed kernel.
+    head, kernel = make_head("tied")
+    rng = np.random.default_rng(2)
+    hidden = rng.normal(size=(2, 7, 6)).astype("float32")
+    targets = rng.integers(0, 11, size=(2, 7))
+    weights = np.ones((2, 7), "float32")
+
+    def loss(chunk_size):
+        def fn(h, k):
+            k = ops.stop_gradient(k)
+            losses, _ = group_losses(head, h, k, targets, weights, chunk_size)
+            return ops.sum(losses)
+
+        return fn
+
+    (_, grad), (_, dense_grad) = [
+        value_and_grad(loss(c), hidden, kernel, 0) for c in (3, None)
+    ]
+    np.testing.assert_allclose(grad, dense_grad, atol=1e-5)
+
+
+def test_chunked_accuracy_breaks_ties_like_argmax():
+    # Logits h * [0, 1, 3, 2, 3, 0]: indices 2 and 4 tie for the maximum,
+    # so argmax (the first maximum) says 2; at h = 0 all tie and it says 0.
+    row = np.array([[0, 1, 3, 2, 3, 0]], "float32")
+    scales = np.array([1.0, 2.0, 0.0, 1.0, 0.0, 0.5], "float32")
+    hidden = scales.reshape(1, 6, 1)
+    targets = np.array([[2, 4, 0, 1, 5, 2]])
+    weights = np.ones((1, 6), "float32")
+    _, accuracy = mtp_ops.chunked_cross_entropy(
+        hidden, row, targets, weights, 4
+    )
+    expected = mtp_ops.masked_accuracy(hidden[0] @ row, targets[0], weights)
+    np.testing.assert_allclose(np_(accuracy)[0], np_(expected), atol=1e-6)
+    np.testing.assert_allclose(np_(accuracy)[0], 3 / 6, atol=1e-6)
