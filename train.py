@@ -30,13 +30,14 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data only: quiet
 
 import keras  # noqa: E402
-import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mtp  # noqa: E402
+from keras_mtp import backbones  # noqa: E402
 from keras_mtp import data  # noqa: E402
 
-BACKBONES = ("gpt2", "llama", "gemma", "qwen3", "qwen3_moe", "mixtral")
+# Every supported keras-hub family (keras_mtp.backbones.FAMILIES).
+BACKBONES = backbones.FAMILY_NAMES
 
 
 def knob(default, help, **metadata):
@@ -187,53 +188,27 @@ def parse_config(argv=None):
 
 
 def make_backbone(config, vocabulary_size):
-    """The keras-hub backbone of `config.backbone`, sized by the config."""
+    """The keras-hub backbone of `config.backbone`, sized by the config
+    (each family's config: `keras_mtp.backbones.FAMILIES`)."""
     c = config
     if c.hidden_dim % c.num_heads:
         raise ValueError(
             f"hidden_dim={c.hidden_dim} must be a multiple of "
             f"num_heads={c.num_heads}"
         )
-    common = dict(
+    if c.backbone not in BACKBONES:
+        raise ValueError(
+            f"Unknown backbone. Expected one of {BACKBONES}. "
+            f"Received: backbone={c.backbone!r}"
+        )
+    return backbones.build_backbone(
+        c.backbone,
         vocabulary_size=vocabulary_size,
-        num_layers=c.num_layers,
         hidden_dim=c.hidden_dim,
+        num_layers=c.num_layers,
+        num_heads=c.num_heads,
         intermediate_dim=c.intermediate_dim,
-    )
-    # Grouped-query attention: two query heads share a key/value head.
-    heads = dict(
-        num_query_heads=c.num_heads,
-        num_key_value_heads=max(1, c.num_heads // 2),
-    )
-    head_dim = c.hidden_dim // c.num_heads
-    models = keras_hub.models
-    if c.backbone == "gpt2":
-        return models.GPT2Backbone(
-            num_heads=c.num_heads,
-            dropout=0.0,
-            max_sequence_length=c.sequence_length,
-            **common,
-        )
-    if c.backbone == "llama":
-        return models.LlamaBackbone(**heads, **common)
-    if c.backbone == "gemma":
-        return models.GemmaBackbone(head_dim=head_dim, **heads, **common)
-    if c.backbone == "qwen3":
-        return models.Qwen3Backbone(head_dim=head_dim, **heads, **common)
-    if c.backbone == "qwen3_moe":
-        return models.Qwen3MoeBackbone(
-            head_dim=head_dim,
-            moe_intermediate_dim=c.intermediate_dim // 2,
-            num_experts=4,
-            top_k=2,
-            **heads,
-            **common,
-        )
-    if c.backbone == "mixtral":
-        return models.MixtralBackbone(num_experts=4, top_k=2, **heads, **common)
-    raise ValueError(
-        f"Unknown backbone. Expected one of {BACKBONES}. "
-        f"Received: backbone={c.backbone!r}"
+        sequence_length=c.sequence_length,
     )
 
 
@@ -428,7 +403,8 @@ def report_speculation(model, dataset, config, num_prompts=4):
     """Decodes validation prompts with the MTP heads as drafters and prints
     what speculation buys: tokens per main forward pass and acceptance."""
     prompt_length = max(config.sequence_length // 4, 1)
-    # GPT-2's position table ends at sequence_length; drafts look D ahead.
+    # GPT-2's and OPT's position tables end at sequence_length; drafts look
+    # D ahead.
     max_length = config.sequence_length - config.mtp_num_layers
     if max_length <= prompt_length:
         return

@@ -27,66 +27,13 @@ Norm scales, biases, MoE routers and the MTP loss weights stay replicated.
 import re
 
 import keras
-import keras_hub
 
+from keras_mtp import backbones
 from keras_mtp.mtp_causal_lm import MTPCausalLM
 
-# Placeholders for the mesh axis names in the rule tables below.
-_MODEL = "<model>"
-_DATA = "<batch>"
-
-# Decoder-layer weights as (path regex relative to the layer, layout). Written
-# with `[^/]` and explicit separators, so that no rule matches the weights of
-# another (a `.*` would let `feedforward_gate_dense/kernel` match the router
-# `sparse_feedforward_gate_dense/kernel`).
-_LLAMA_DECODER_RULES = (
-    (r"self_attention/(query|key|value)/kernel", (_MODEL, _DATA, None)),
-    (r"self_attention/attention_output/kernel", (_MODEL, None, _DATA)),
-    (r"feedforward_(intermediate|gate)_dense/kernel", (_DATA, _MODEL)),
-    (r"feedforward_output_dense/kernel", (_MODEL, _DATA)),
-)
-# Qwen3-MoE and Mixtral experts: expert parallelism over the model axis.
-_MOE_DECODER_RULES = (
-    (
-        r"[^/]*sparse_moe_block[^/]*/experts/"
-        r"expert_feedforward_(gate|intermediate)_dense",
-        (_MODEL, _DATA, None),
-    ),
-    (
-        r"[^/]*sparse_moe_block[^/]*/experts/expert_feedforward_output_dense",
-        (_MODEL, None, _DATA),
-    ),
-)
-_GEMMA_DECODER_RULES = (
-    (r"attention/(query|key|value)/kernel", (_MODEL, _DATA, None)),
-    (r"attention/attention_output/kernel", (_MODEL, None, _DATA)),
-    (r"ffw_gating(_2)?/kernel", (_DATA, _MODEL)),
-    (r"ffw_linear/kernel", (_MODEL, _DATA)),
-)
-# GPT-2 has the Llama names without the gate; biases stay replicated.
-_GPT2_DECODER_RULES = (
-    (r"self_attention/(query|key|value)/kernel", (_MODEL, _DATA, None)),
-    (r"self_attention/attention_output/kernel", (_MODEL, None, _DATA)),
-    (r"feedforward_intermediate_dense/kernel", (_DATA, _MODEL)),
-    (r"feedforward_output_dense/kernel", (_MODEL, _DATA)),
-)
-
-# Backbone class name -> (prefix of its decoder layers' paths, decoder rules).
-_FAMILIES = {
-    "GPT2Backbone": (r"transformer_layer_\d+/", _GPT2_DECODER_RULES),
-    "LlamaBackbone": (r"transformer_layer_\d+/", _LLAMA_DECODER_RULES),
-    "MistralBackbone": (r"transformer_layer_\d+/", _LLAMA_DECODER_RULES),
-    "GemmaBackbone": (r"decoder_block_\d+/", _GEMMA_DECODER_RULES),
-    "Qwen3Backbone": (r"transformer_layer_\d+/", _LLAMA_DECODER_RULES),
-    "Qwen3MoeBackbone": (
-        r"transformer_layer_\d+/",
-        _LLAMA_DECODER_RULES + _MOE_DECODER_RULES,
-    ),
-    "MixtralBackbone": (
-        r"transformer_layer_\d+/",
-        _LLAMA_DECODER_RULES + _MOE_DECODER_RULES,
-    ),
-}
+# The mesh-axis placeholders of the rules in `keras_mtp.backbones.FAMILIES`.
+_MODEL = backbones.MODEL
+_DATA = backbones.DATA
 
 # The MTP weights carry the names `MTPLayer` gives its sublayers, after any
 # prefix (`mtp_block/mtp_layer_1/`): keys start with `.*`, and no backbone
@@ -108,10 +55,12 @@ def get_layout_map(
     `keras.distribution.ModelParallel` on the JAX backend:
 
     - the backbone: keras-hub's own `backbone.get_layout_map(...)` where the
-      backbone class has one (Llama, Gemma, Qwen3-MoE), otherwise the same
-      layouts written for the backbone's names (GPT-2, Mistral, Qwen3,
-      Mixtral). GPT-2's vocabulary (50257) divides no mesh axis, so its token
-      and position embeddings shard the hidden dimension on the model axis.
+      backbone class has one (Llama, Gemma, Qwen, Qwen-MoE, Qwen3-MoE),
+      completed or replaced by the same layouts written for each family's
+      weight names (`Family.layout` in `keras_mtp.backbones.FAMILIES`).
+      GPT-2's vocabulary (50257) divides no mesh axis, so its token and
+      position embeddings (and OPT's) shard the hidden dimension on the
+      model axis.
     - what keras-hub leaves replicated: the untied output head
       (`token_embedding/reverse_embeddings`, vocabulary on the model axis) and
       the MoE experts (expert dimension on the model axis).
@@ -215,7 +164,8 @@ def get_layout_map(
         return tuple(names.get(axis, axis) for axis in layout)
 
     backbone = model.backbone
-    prefix, decoder_rules = _family(backbone)
+    rules = _family(backbone).layout
+    prefix, decoder_rules = rules.decoder_prefix, rules.decoder_rules
     paths = [v.path for v in model.weights]
 
     # === Backbone ===
@@ -227,16 +177,7 @@ def get_layout_map(
         )
     else:
         layout_map = keras.distribution.LayoutMap(device_mesh)
-    if isinstance(backbone, keras_hub.models.GPT2Backbone):
-        embedding_rules = (
-            (r"token_embedding/embeddings", (None, _MODEL)),
-            (r"position_embedding/embeddings", (None, _MODEL)),
-        )
-    else:
-        embedding_rules = (
-            (r"token_embedding/embeddings", (_MODEL, _DATA)),
-            (r"token_embedding/reverse_embeddings", (_DATA, _MODEL)),
-        )
+    embedding_rules = rules.embedding_rules + rules.extra_rules
     # Our rules only fill what keras-hub's map leaves out.
     for key, layout in embedding_rules:
         _add_if_uncovered(layout_map, key, resolve(layout), paths)
@@ -256,15 +197,15 @@ def get_layout_map(
 
 
 def _family(backbone):
-    """`(decoder path prefix, decoder rules)` of the backbone's family."""
-    for name, family in _FAMILIES.items():
-        cls = getattr(keras_hub.models, name, None)
-        if cls is not None and isinstance(backbone, cls):
-            return family
-    raise ValueError(
-        f"No layout rules for backbones of class {type(backbone).__name__}. "
-        f"Supported: {sorted(_FAMILIES)}"
-    )
+    """The backbone's `keras_mtp.backbones.Family` (its layout rules)."""
+    try:
+        return backbones.family(backbone)
+    except ValueError:
+        raise ValueError(
+            "No layout rules for backbones of class "
+            f"{type(backbone).__name__}. Supported: "
+            f"{sorted(f.backbone for f in backbones.FAMILIES)}"
+        ) from None
 
 
 def _add_if_uncovered(layout_map, key, layout, paths):

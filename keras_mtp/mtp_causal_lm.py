@@ -185,7 +185,7 @@ class MTPCausalLM(keras.Model):
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
         hidden = self.backbone(
-            {"token_ids": token_ids, "padding_mask": padding_mask}
+            backbones.backbone_inputs(self.backbone, token_ids, padding_mask)
         )  # (B, T, d)
         if not (training or self._mtp_in_evaluate):
             return self._logits(hidden)  # (B, T, V)

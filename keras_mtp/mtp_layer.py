@@ -91,11 +91,16 @@ class MTPLayer(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="projection",
         )
-        self.transformer_block = backbones.build_from_blueprint(
-            self.transformer_block_blueprint,
-            name="transformer_block",
-            dtype=self.dtype_policy,
-        )
+        # Weights a keras-hub layer creates in its constructor (SmolLM3's
+        # attention output and RoPE table) take the path of this depth, not
+        # a bare path shared with the backbone's: on torch, Keras registers
+        # parameters by path, and a duplicate is left out of `zero_grad`.
+        with keras.name_scope(self.name), keras.name_scope("transformer_block"):
+            self.transformer_block = backbones.build_from_blueprint(
+                self.transformer_block_blueprint,
+                name="transformer_block",
+                dtype=self.dtype_policy,
+            )
         self.output_norm = backbones.build_from_blueprint(
             self.output_norm_blueprint,
             name="output_norm",

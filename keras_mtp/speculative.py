@@ -28,6 +28,26 @@ loop compiles (JAX `jit`, TensorFlow `tf.function`).
 In a batch, all rows advance together by the smallest `a` among the rows
 that have not stopped. Rows whose prompt is longer than the shortest one
 keep their prompt tokens, as keras-hub's samplers do.
+
+Family differences (`keras_mtp.backbones.FAMILIES`):
+
+- Key/value caches are keras-hub's: one stacked tensor, or a tuple of
+  per-layer `(key, value)` (Gemma3); the prefill and the cache update take
+  the prompt's mask where keras-hub's task does (Gemma3, Gemma4: prompt
+  positions keep their prefill entries, as in its `generate`). Each depth's
+  cache is shaped like that of the layer its block copies.
+- Sliding-window layers (Mistral, Mixtral, Gemma3, Gemma4, Qwen, gpt-oss)
+  keep full-length caches in keras-hub and mask by position from the cache
+  index, for every query of a window: nothing to roll back.
+- Recurrent layers (Qwen3.5's Gated DeltaNet) carry a state that a window
+  advances past rejected drafts, and a state is not indexed by position.
+  Verification runs those layers token by token (keras-hub's own
+  single-token step) and keeps the state after each token; step 2 keeps the
+  state after offset `a`. The prefill runs them token by token too, with
+  the state frozen from the first window's position on. keras-hub's own
+  Qwen3.5 `generate` is not the model's greedy decoding (see
+  `Family.keras_hub_generate`); `generate(speculative=False)` then runs this
+  loop without drafts.
 """
 
 import functools
@@ -115,7 +135,7 @@ def _argmax(logits):
 
 def _check_positions(backbone, cache_length):
     limit = getattr(backbone, "max_sequence_length", None)
-    if hasattr(backbone, "position_embedding") and limit is not None:
+    if backbones.family(backbone).learned_positions and limit is not None:
         if cache_length > limit:
             raise ValueError(
                 "Speculative decoding looks up to mtp_num_layers positions "
@@ -125,8 +145,169 @@ def _check_positions(backbone, cache_length):
             )
 
 
+def _prefill(task, token_ids, prompt_mask, first):
+    """`(hidden, cache)` of the main model over `token_ids`: keras-hub's
+    prefill, or `_recurrent_prefill` for families with recurrent layers."""
+    if backbones.family(task.backbone).recurrent:
+        return _recurrent_prefill(task, token_ids, first)
+    return backbones.prefill(task, token_ids, prompt_mask)
+
+
+def _verify(task, token_ids, cache, index, update_mask):
+    """The main model over `token_ids` at positions `index ..`: keras-hub's
+    `call_with_cache`, or `_recurrent_call_with_cache`, whose cache holds
+    the recurrent states after each token (`_select` picks one)."""
+    if backbones.family(task.backbone).recurrent:
+        return _recurrent_call_with_cache(task, token_ids, cache, index)
+    return backbones.call_with_cache(task, token_ids, cache, index, update_mask)
+
+
+def _select(backbone, cache, accept):
+    """The cache once the window's offsets `0 .. accept` are accepted.
+
+    A key/value cache is indexed by position: entries past the accepted
+    ones are overwritten by the next window before anything attends to
+    them. A recurrent state is not: it must be the one after the last
+    accepted token, not after the whole window.
+    """
+    if not backbones.family(backbone).recurrent:
+        return cache
+    key_value, conv_steps, recurrent_steps = cache
+    return (
+        key_value,
+        ops.take(conv_steps, accept, axis=0),
+        ops.take(recurrent_steps, accept, axis=0),
+    )
+
+
+def _recurrent_layers(backbone):
+    f = backbones.family(backbone)
+    return [
+        not f.full_attention(layer) for layer in backbone.transformer_layers
+    ]
+
+
+def _recurrent_call_with_cache(task, token_ids, cache, index):
+    """`task.call_with_cache` for a hybrid trunk (Qwen3.5), keeping every
+    intermediate recurrent state.
+
+    Full-attention layers run over the whole window against their key/value
+    cache. Recurrent layers (Gated DeltaNet) run token by token, through
+    keras-hub's own single-token step (what its `generate` runs), and their
+    conv and recurrent states after each token are stacked: the returned
+    cache is `(key_value, conv (W, ...), recurrent (W, ...))`, W the window
+    length, for `_select`.
+    """
+    backbone = task.backbone
+    key_value, conv, recurrent = cache
+    width = token_ids.shape[1]
+    x = backbone.token_embedding(token_ids)
+    new_key_value, conv_steps, recurrent_steps = [], [], []
+    for i, (layer, is_recurrent) in enumerate(
+        zip(backbone.transformer_layers, _recurrent_layers(backbone))
+    ):
+        layer_kv, layer_conv, layer_rec = (
+            key_value[:, i],
+            conv[:, i],
+            recurrent[:, i],
+        )
+        if not is_recurrent:
+            x, layer_kv, _, _ = layer.call_and_update_cache(
+                x, layer_kv, layer_conv, layer_rec, index
+            )
+            convs, recs = [layer_conv] * width, [layer_rec] * width
+        else:
+            outputs, convs, recs = [], [], []
+            for t in range(width):
+                y, _, layer_conv, layer_rec = layer.call_and_update_cache(
+                    x[:, t : t + 1], layer_kv, layer_conv, layer_rec, index + t
+                )
+                outputs.append(y)
+                convs.append(layer_conv)
+                recs.append(layer_rec)
+            x = ops.concatenate(outputs, axis=1)
+        new_key_value.append(layer_kv)
+        conv_steps.append(ops.stack(convs))
+        recurrent_steps.append(ops.stack(recs))
+    hidden = backbones.final_norm(backbone)(x)
+    logits = backbone.token_embedding(hidden, reverse=True)
+    cache = (
+        ops.stack(new_key_value, axis=1),
+        ops.stack(conv_steps, axis=2),  # (W, B, layers, ...)
+        ops.stack(recurrent_steps, axis=2),
+    )
+    return logits, hidden, cache
+
+
+def _recurrent_prefill(task, token_ids, first):
+    """Prefill of a hybrid trunk: `(hidden, cache)` with the recurrent
+    states after the tokens `0 .. first - 1` exactly.
+
+    Full-attention layers run over all of `token_ids` at once. Recurrent
+    layers run token by token over all positions (a loop of keras-hub's
+    single-token step), their states frozen from position `first` on, where
+    the first verification window starts. Outputs past `first` are never
+    read: the windows overwrite those key/value entries first.
+    """
+    backbone = task.backbone
+    batch, length = token_ids.shape
+    key_value, conv, recurrent = backbones.recurrent_cache(
+        backbone, batch, length, task.compute_dtype
+    )
+    x = backbone.token_embedding(token_ids)
+    new_key_value, new_conv, new_recurrent = [], [], []
+    for i, (layer, is_recurrent) in enumerate(
+        zip(backbone.transformer_layers, _recurrent_layers(backbone))
+    ):
+        layer_kv, layer_conv, layer_rec = (
+            key_value[:, i],
+            conv[:, i],
+            recurrent[:, i],
+        )
+        if not is_recurrent:
+            x, layer_kv, _, _ = layer.call_and_update_cache(
+                x, layer_kv, layer_conv, layer_rec, 0
+            )
+        else:
+            inputs = x
+            width = inputs.shape[-1]
+
+            def step(t, carry, layer=layer, inputs=inputs, layer_kv=layer_kv):
+                outputs, state_conv, state_rec = carry
+                token = ops.slice(inputs, [0, t, 0], [batch, 1, width])
+                y, _, next_conv, next_rec = layer.call_and_update_cache(
+                    token, layer_kv, state_conv, state_rec, t
+                )
+                keep = t < first
+                return (
+                    ops.slice_update(outputs, [0, t, 0], y),
+                    ops.where(keep, next_conv, state_conv),
+                    ops.where(keep, next_rec, state_rec),
+                )
+
+            x, layer_conv, layer_rec = ops.fori_loop(
+                0, length, step, (ops.zeros_like(inputs), layer_conv, layer_rec)
+            )
+        new_key_value.append(layer_kv)
+        new_conv.append(layer_conv)
+        new_recurrent.append(layer_rec)
+    hidden = backbones.final_norm(backbone)(x)
+    cache = (
+        ops.stack(new_key_value, axis=1),
+        ops.stack(new_conv, axis=1),
+        ops.stack(new_recurrent, axis=1),
+    )
+    return hidden, cache
+
+
 def speculative_decode(
-    model, task, token_ids, padding_mask, stop_token_ids, ragged=True
+    model,
+    task,
+    token_ids,
+    padding_mask,
+    stop_token_ids,
+    ragged=True,
+    depths=None,
 ):
     """The decoding loop, in backend ops (traceable).
 
@@ -138,6 +319,8 @@ def speculative_decode(
         stop_token_ids: tuple of ints, or None.
         ragged: False promises that every prompt has the same length, so
             no generated position needs the prompt's token (fewer ops).
+        depths: how many MTP depths draft (default: all); 0 decodes one
+            token per main forward pass (plain greedy decoding).
 
     Returns:
         `(token_ids, padding_mask, stats)`: the outputs, as keras-hub's
@@ -147,14 +330,16 @@ def speculative_decode(
         checked (all earlier drafts accepted) and accepted, over the rows
         still generating.
     """
-    depths = model.mtp_num_layers
+    if depths is None:
+        depths = model.mtp_num_layers
     window = depths + 1
     batch, length = token_ids.shape
-    embedding = model.backbone.token_embedding
-    layers = model.mtp_block.mtp_layers
-    scale = model.mtp_block.embedding_scale
+    backbone = model.backbone
+    embedding = backbone.token_embedding
+    layers = model.mtp_block.mtp_layers[:depths] if depths else []
+    scale = model.mtp_block.embedding_scale if depths else None
     cache_length = length + depths
-    _check_positions(model.backbone, cache_length)
+    _check_positions(backbone, cache_length)
 
     # Drafts and windows reach up to 2D positions past the last one.
     pad = [[0, 0], [0, 2 * depths]]
@@ -187,7 +372,16 @@ def speculative_decode(
         return hidden, cache, ops.slice_update(buffer, [0, position], draft)
 
     # Prefill: the prompt through the main model and every depth at once.
-    hidden, cache = task._build_cache(prompt[:, :cache_length])
+    hidden, cache = _prefill(
+        task, prompt[:, :cache_length], forced[:, :cache_length], first
+    )
+    # Each depth's cache is shaped like that of the layer its block copies.
+    empty = keras.tree.map_structure(
+        ops.zeros_like,
+        backbones.layer_cache(
+            backbone, cache, backbones.block_source_index(backbone)
+        ),
+    )
     buffer = prompt
     mtp_caches = []
     last = ops.maximum(first - 1, 0)  # depth k there drafts x_{first + k}
@@ -196,7 +390,7 @@ def speculative_decode(
             layer,
             hidden,
             prompt[:, k : k + cache_length],
-            ops.zeros_like(cache[:, 0]),
+            empty,
             0,
             last,
             first + k,
@@ -224,7 +418,10 @@ def speculative_decode(
     def body(n, buffer, cache, mtp_caches, stopped, steps, reached, accepted):
         # 1. Verify: the main model over [x_n, d_1 .. d_D].
         tokens = ops.slice(buffer, [0, n], [batch, window])
-        logits, hidden, cache = task.call_with_cache(tokens, cache, n)
+        prompt_positions = ops.slice(forced, [0, n], [batch, window])
+        logits, hidden, cache = _verify(
+            task, tokens, cache, n, ops.logical_not(prompt_positions)
+        )
         targets = keep_prompt(n + 1, _argmax(logits))  # (B, D + 1)
         # 2. Accept the drafts that match, and one token more.
         matches = ops.cast(tokens[:, 1:] == targets[:, :-1], "int32")
@@ -237,6 +434,7 @@ def speculative_decode(
         accepted = accepted + ops.sum(run * weight, axis=0)
         buffer = ops.slice_update(buffer, [0, n + 1], targets)
         new_n = n + accept + 1
+        cache = _select(backbone, cache, accept)
         if stop_token_ids:
             offsets = ops.arange(window, dtype="int32")
             fresh = (offsets <= accept) & (n + 1 + offsets < length)
@@ -299,8 +497,8 @@ class _Decoders:
         self.task.compile(sampler="greedy")
         self.functions = {}
 
-    def speculative(self, model, stop_token_ids, ragged):
-        key = (stop_token_ids, ragged)
+    def speculative(self, model, stop_token_ids, ragged, depths=None):
+        key = (stop_token_ids, ragged, depths)
         if key not in self.functions:
             self.functions[key] = _compile(
                 functools.partial(
@@ -309,10 +507,28 @@ class _Decoders:
                     self.task,
                     stop_token_ids=stop_token_ids,
                     ragged=ragged,
+                    depths=depths,
                 ),
                 model,
             )
         return self.functions[key]
+
+
+def keras_hub_generate(task, inputs, stop_token_ids=None):
+    """keras-hub's own generation of `task` (its `generate_step`, compiled
+    as keras-hub compiles it) on `inputs`, a dict of `token_ids` and
+    `padding_mask` padded to the total length: its `token_ids` and
+    `padding_mask` outputs. Unlike `task.generate` without a preprocessor,
+    this also works for `Gemma3CausalLM`, whose outputs carry `images=None`
+    that `generate` fails to batch."""
+    if stop_token_ids is not None:
+        stop_token_ids = tuple(stop_token_ids)
+    inputs = {
+        key: ops.convert_to_tensor(inputs[key])
+        for key in ("token_ids", "padding_mask")
+    }
+    outputs = task.make_generate_function()(inputs, stop_token_ids)
+    return {key: outputs[key] for key in ("token_ids", "padding_mask")}
 
 
 def _compile(fn, model):
@@ -365,9 +581,14 @@ def generate(model, inputs, max_length, stop_token_ids, speculative):
         model.__dict__["_decoders"] = decoders
     lengths = prompt_mask.sum(axis=1)
     first = int(lengths.min()) - 1
-    if speculative:
+    # keras-hub's `generate` where it is this model's greedy decoding, else
+    # our loop with no drafts (see `Family.keras_hub_generate`).
+    exact = backbones.family(model.backbone).keras_hub_generate is None
+    if speculative or not exact:
         ragged = bool(lengths.max() > lengths.min())
-        function = decoders.speculative(model, stop_token_ids, ragged)
+        function = decoders.speculative(
+            model, stop_token_ids, ragged, None if speculative else 0
+        )
         outputs, mask, raw = function(token_ids, prompt_mask)
         raw = {k: ops.convert_to_numpy(v) for k, v in raw.items()}
         forward_passes = int(raw["forward_passes"])
@@ -375,9 +596,10 @@ def generate(model, inputs, max_length, stop_token_ids, speculative):
         reached = np.maximum(raw["reached"], 1)
         acceptance = (raw["accepted"] / reached).tolist()
     else:
-        result = decoders.task.generate(
+        result = keras_hub_generate(
+            decoders.task,
             {"token_ids": token_ids, "padding_mask": prompt_mask},
-            stop_token_ids=stop_token_ids,
+            stop_token_ids,
         )
         outputs, mask = result["token_ids"], result["padding_mask"]
         last = np.asarray(ops.convert_to_numpy(mask)).sum(axis=1).max() - 1

@@ -7,82 +7,47 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # 8 CPU devices for the keras.distribution tests (no measurable slowdown).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+
 import keras  # noqa: E402
-import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from keras_mtp import backbones  # noqa: E402
 
 VOCAB = 32
 BATCH = 4
 LENGTH = 12
 
+# One tiny config per supported family: `keras_mtp.backbones.FAMILIES`.
 BACKBONES = {
-    "gpt2": lambda: keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=32,
-        dropout=0.0,
-    ),
-    "llama": lambda: keras_hub.models.LlamaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-    ),
-    "mistral": lambda: keras_hub.models.MistralBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-    ),
-    "gemma": lambda: keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    ),
-    "qwen3": lambda: keras_hub.models.Qwen3Backbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        hidden_dim=16,
-        intermediate_dim=32,
-    ),
-    "qwen3_moe": lambda: keras_hub.models.Qwen3MoeBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        hidden_dim=16,
-        intermediate_dim=32,
-        moe_intermediate_dim=16,
-        num_experts=4,
-        top_k=2,
-    ),
-    "mixtral": lambda: keras_hub.models.MixtralBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        num_experts=4,
-        top_k=2,
-    ),
+    family.name: functools.partial(
+        backbones.tiny_backbone, family.name, vocabulary_size=VOCAB
+    )
+    for family in backbones.FAMILIES
 }
+
+
+@contextlib.contextmanager
+def fast_compilation(enabled=True):
+    """JAX: XLA without most of its optimizations inside the block.
+
+    For tests that compile a large unrolled graph (keras-hub's chunked
+    Gated DeltaNet: a 63-step Python loop per chunk) and run it a few
+    times: compiling takes a third of the time. Other backends: nothing.
+    """
+    if not enabled or keras.config.backend() != "jax":
+        yield
+        return
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def make_backbone(name="llama", seed=0):

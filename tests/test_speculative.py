@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from conftest import BACKBONES
 from conftest import VOCAB
+from conftest import fast_compilation
 from conftest import make_backbone
+from keras import ops
 
 import keras_mtp
 from keras_mtp import backbones
+from keras_mtp import speculative
 
 LENGTH = 24  # total length of every generation here: one compiled shape
 D = 2
@@ -42,7 +45,26 @@ def greedy(backbone, inputs, stop_token_ids=None):
     """keras-hub's own greedy decoding of `backbone`: the reference."""
     task = backbones.causal_lm(backbone)
     task.compile(sampler="greedy")
-    return task.generate(inputs, stop_token_ids=stop_token_ids)
+    outputs = speculative.keras_hub_generate(task, inputs, stop_token_ids)
+    return {k: ops.convert_to_numpy(v) for k, v in outputs.items()}
+
+
+def assert_greedy_of_forward_pass(model, inputs, outputs):
+    """Every generated token is the argmax of the model's own forward pass
+    (keras-hub's `predict`) over the tokens before it: greedy decoding,
+    defined without any cache."""
+    tokens = outputs["token_ids"]
+    logits = model.predict(
+        {"token_ids": tokens, "padding_mask": np.ones_like(tokens)},
+        batch_size=len(tokens),
+        verbose=0,
+    )
+    prompt = np.asarray(inputs["padding_mask"], bool)
+    generated = ~prompt[:, 1:] & outputs["padding_mask"][:, 1:]
+    np.testing.assert_array_equal(
+        np.where(generated, tokens[:, 1:], -1),
+        np.where(generated, logits[:, :-1].argmax(-1), -1),
+    )
 
 
 def assert_same_outputs(ours, reference):
@@ -116,17 +138,122 @@ def test_trained_model_decodes_exactly_greedy_one_prompt_at_a_time(trained):
     assert min(stats["acceptance"]) > 0.8, stats
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+# Stop tokens for one family per cache form (stacked key/value, per-layer
+# key/value with keras-hub's update mask, hybrid with recurrent states): the
+# stopping logic is the same loop for all.
+STOPS = {"llama": (5, 9), "gemma3": (5, 9), "qwen3_5": (5, 9)}
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
 def test_every_backbone_decodes_exactly_greedy(name):
     # Untrained: drafts are mostly rejected, so this checks the verify and
     # rollback path and each family's cache, against keras-hub's.
+    family = backbones.family(name)
+    reason = family.skip_backends.get(keras.config.backend())
+    if reason:
+        pytest.skip(reason)
+    with fast_compilation(family.recurrent):
+        decode_and_compare(name, family)
+
+
+def decode_and_compare(name, family):
     model = keras_mtp.MTPCausalLM(make_backbone(name), mtp_num_layers=D)
     rng = np.random.default_rng(3)
     inputs = prompts(rng, 3)
-    for stop_token_ids in (None, (5, 9)):
-        ours = model.generate(inputs, stop_token_ids=stop_token_ids)
+    stop_token_ids = STOPS.get(name)
+    ours, stats = model.generate(
+        inputs, stop_token_ids=stop_token_ids, return_stats=True
+    )
+    if family.keras_hub_generate is None:
         reference = greedy(model.backbone, inputs, stop_token_ids)
         assert_same_outputs(ours, reference)
+    else:
+        # keras-hub's generate is not this model's greedy decoding (see the
+        # registry): the reference is the forward pass itself, and the
+        # plain (non-speculative) decoding is keras_mtp's own loop.
+        assert_greedy_of_forward_pass(model, inputs, ours)
+        plain = model.generate(
+            inputs, stop_token_ids=stop_token_ids, speculative=False
+        )
+        assert_same_outputs(plain, ours)
+    assert stats["forward_passes"] >= 1
+
+
+def test_recurrent_decoding_through_accepted_drafts():
+    # An untrained model's drafts are rejected, so the end-to-end tests above
+    # keep offset 0. Here one row's prompt is long and the other row stops
+    # at once: the windows over the long prompt accept all D drafts (prompt
+    # tokens are forced), so the Gated DeltaNet states of whole windows are
+    # kept, then generation goes on from them.
+    with fast_compilation():
+        model = keras_mtp.MTPCausalLM(
+            make_backbone("qwen3_5"), mtp_num_layers=D
+        )
+        lengths = np.array([2, 18])
+        mask = np.arange(LENGTH)[None] < lengths[:, None]
+        tokens = np.random.default_rng(6).integers(1, VOCAB, (2, LENGTH))
+        inputs = {
+            "token_ids": np.where(mask, tokens, 0).astype("int32"),
+            "padding_mask": mask.astype("int32"),
+        }
+        first = model.generate(inputs)["token_ids"][0, 2]
+        ours, stats = model.generate(
+            inputs, stop_token_ids=(int(first),), return_stats=True
+        )
+        assert ours["padding_mask"][0].sum() == 3  # row 0 stopped at once
+        assert stats["tokens_per_forward"] > 1.5, stats
+        assert_greedy_of_forward_pass(model, inputs, ours)
+
+
+def test_recurrent_state_is_the_one_after_the_accepted_tokens():
+    # Qwen3.5: verification runs the Gated DeltaNet layers token by token
+    # and keeps each state; accepting `a` drafts keeps the state after
+    # offset `a`, which must be the state of feeding those tokens one at a
+    # time (keras-hub's own decoding step).
+    with fast_compilation():
+        check_recurrent_state_selection()
+
+
+def check_recurrent_state_selection():
+    backbone = make_backbone("qwen3_5")
+    task = backbones.causal_lm(backbone)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(1, VOCAB, size=(2, 12)).astype("int32")
+    first, width = 4, D + 1
+    _, cache = speculative._prefill(task, tokens, None, first)
+    window = tokens[:, first : first + width]
+    logits, _, steps = speculative._verify(task, window, cache, first, None)
+    single = cache
+    for a in range(width):
+        one_logits, _, single = speculative._verify(
+            task, window[:, a : a + 1], single, first + a, None
+        )
+        single = speculative._select(backbone, single, 0)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(logits[:, a]),
+            ops.convert_to_numpy(one_logits[:, 0]),
+            atol=1e-5,
+        )
+        selected = speculative._select(backbone, steps, a)
+        for state, expected in zip(selected[1:], single[1:]):
+            np.testing.assert_allclose(
+                ops.convert_to_numpy(state),
+                ops.convert_to_numpy(expected),
+                atol=1e-6,
+            )
+    # The prefill's state is the state after the tokens before `first`.
+    _, from_zero = speculative._prefill(task, tokens, None, 0)
+    for t in range(first):
+        _, _, from_zero = speculative._verify(
+            task, tokens[:, t : t + 1], from_zero, t, None
+        )
+        from_zero = speculative._select(backbone, from_zero, 0)
+    for state, expected in zip(cache[1:], from_zero[1:]):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(state),
+            ops.convert_to_numpy(expected),
+            atol=1e-6,
+        )
 
 
 def test_prompt_formats_and_max_length(trained):
