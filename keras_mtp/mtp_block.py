@@ -25,7 +25,10 @@ class MTPBlock(keras.layers.Layer):
     ```
 
     over every row and position of the batch (weights from
-    `keras_mtp.ops.mtp_targets_and_weights`). Each call adds
+    `keras_mtp.ops.mtp_targets_and_weights`). With `mtp_targets="main"`,
+    `CE(z^k_i, x[i + k + 1])` becomes `CE(z^k_i, softmax(sg(z^0_{i + k})))`:
+    depth `k` learns the main head's (stop-gradient) distribution for the
+    same token instead of the data's label. Each call adds
     `loss_scaling_factor * L_mtp` with `add_loss`; `MTPCausalLM` calls the
     block only in `fit` and `evaluate`, and its metrics read the per-depth
     values the block returns.
@@ -49,6 +52,12 @@ class MTPBlock(keras.layers.Layer):
             over chunks of this many tokens with rematerialization, so no
             `(B, T, V)` logits tensor lives (for large vocabularies). Same
             value and gradients as the dense loss.
+        mtp_targets: `"labels"` or `"main"`. What depth `k` learns at
+            position `i`: the data's token `x[i + k + 1]`, or the main
+            head's distribution `softmax(z^0_{i + k})` for it, computed from
+            `h^0` under stop-gradient (soft cross-entropy, which is the KL
+            divergence up to a constant; no gradient reaches the trunk
+            through the teacher). Same positions and weights either way.
         **kwargs: base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -60,8 +69,12 @@ class MTPBlock(keras.layers.Layer):
 
     Returns:
         A dict of float32 tensors `(D,)`: `"losses"` (`L_k`), `"accuracies"`
-        (top-1 of depth `k` against `x[i + k + 1]` over its valid positions)
-        and `"tokens"` (`sum_i w^k_i`, the number of valid positions).
+        (top-1 of depth `k` against the data's token `x[i + k + 1]` over its
+        valid positions, whatever `mtp_targets`) and `"tokens"` (`sum_i
+        w^k_i`, the number of valid positions); and `(D, B, T)` tensors:
+        `"predictions"` (int32, depth `k`'s top-1 `argmax z^k_i`) and
+        `"weights"` (`w^k_i`), from which `keras_mtp.ops.masked_acceptance`
+        compares depth `k` with the main head's top-1.
 
     Example:
 
@@ -95,6 +108,7 @@ class MTPBlock(keras.layers.Layer):
         embedding_scale=None,
         layer_norm_epsilon=1e-6,
         loss_chunk_size=None,
+        mtp_targets="labels",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -106,6 +120,7 @@ class MTPBlock(keras.layers.Layer):
         num_layers = check_int(num_layers, "num_layers", minimum=1)
         check_loss_scaling_factor(loss_scaling_factor)
         loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
+        check_mtp_targets(mtp_targets)
         # === Config ===
         self.num_layers = num_layers
         self.loss_scaling_factor = float(loss_scaling_factor)
@@ -113,6 +128,7 @@ class MTPBlock(keras.layers.Layer):
         self.embedding_scale = embedding_scale
         self.layer_norm_epsilon = layer_norm_epsilon
         self.loss_chunk_size = loss_chunk_size
+        self.mtp_targets = mtp_targets
 
         # === Layers ===
         self.token_embedding = token_embedding
@@ -156,6 +172,8 @@ class MTPBlock(keras.layers.Layer):
     ):
         check_length(hidden_states.shape[1], self.num_layers)
         hidden = hidden_states  # (B, T, d)
+        # The teacher of `mtp_targets="main"`: the main head's input, h^0.
+        teacher = ops.stop_gradient(hidden_states)
         if self.detach_trunk:
             hidden = ops.stop_gradient(hidden)
         kernel = backbones.head_kernel(
@@ -191,31 +209,64 @@ class MTPBlock(keras.layers.Layer):
                 for k in depths
             )
         )
+        distill = self.mtp_targets == "main"
         if self.loss_chunk_size:
-            # All depths in one chunked pass: one (d, V) head gradient.
-            losses, accuracies = mtp_ops.chunked_cross_entropy(
+            # All depths in one chunked pass: one (d, V) head gradient. The
+            # teacher logits z^0_{i+k} are made per chunk from h^0_{i+k}.
+            teachers = None
+            if distill:
+                teachers = ops.stack(
+                    [mtp_ops.roll_and_mask(teacher, -k) for k in depths]
+                )  # (D, B, T, d)
+            losses, accuracies, predictions = mtp_ops.chunked_cross_entropy(
                 ops.stack(normed),
                 kernel,
                 ops.stack(targets),
                 ops.stack(weights),
                 self.loss_chunk_size,
                 head=head,
+                teacher_hidden_states=teachers,
+                return_predictions=True,
             )
         else:
-            losses, accuracies = [], []
-            for h, t, w in zip(normed, targets, weights):
+            if distill:  # z^0 under stop-gradient, (B, T, V)
+                main_logits = head(teacher, ops.stop_gradient(kernel))
+            losses, accuracies, predictions = [], [], []
+            for k, h, t, w in zip(depths, normed, targets, weights):
                 logits = head(h, kernel)  # (B, T, V)
-                losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
-                accuracies.append(mtp_ops.masked_accuracy(logits, t, w))
+                if distill:
+                    ce = mtp_ops.soft_cross_entropy(
+                        logits, mtp_ops.roll_and_mask(main_logits, -k)
+                    )
+                    losses.append(mtp_ops.weighted_mean(ce, w))
+                else:
+                    losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
+                predictions.append(mtp_ops.top1(logits))
+                hits = ops.cast(predictions[-1] == t, "float32")
+                accuracies.append(mtp_ops.weighted_mean(hits, w))
             losses, accuracies = ops.stack(losses), ops.stack(accuracies)
-        # losses, accuracies: (D,)
+            predictions = ops.stack(predictions)
+        # losses, accuracies: (D,); predictions: (D, B, T)
         self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
-        tokens = ops.sum(ops.stack(weights), axis=(1, 2))  # (D,)
-        return {"losses": losses, "accuracies": accuracies, "tokens": tokens}
+        weights = ops.stack(weights)  # (D, B, T)
+        return {
+            "losses": losses,
+            "accuracies": accuracies,
+            "tokens": ops.sum(weights, axis=(1, 2)),  # (D,)
+            "predictions": predictions,
+            "weights": weights,
+        }
 
     def compute_output_spec(self, hidden_states, *args, **kwargs):
         spec = keras.KerasTensor((self.num_layers,), dtype="float32")
-        return {"losses": spec, "accuracies": spec, "tokens": spec}
+        tokens = (self.num_layers, *hidden_states.shape[:2])
+        return {
+            "losses": spec,
+            "accuracies": spec,
+            "tokens": spec,
+            "predictions": keras.KerasTensor(tokens, dtype="int32"),
+            "weights": keras.KerasTensor(tokens, dtype="float32"),
+        }
 
     def get_config(self):
         config = super().get_config()
@@ -234,6 +285,7 @@ class MTPBlock(keras.layers.Layer):
                 "embedding_scale": self.embedding_scale,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "loss_chunk_size": self.loss_chunk_size,
+                "mtp_targets": self.mtp_targets,
             }
         )
         return config
@@ -257,6 +309,18 @@ def check_loss_scaling_factor(value):
         raise ValueError(
             "The MTP loss scaling factor (λ) must be a finite number >= 0. "
             f"Received: {value!r}"
+        )
+
+
+MTP_TARGETS = ("labels", "main")
+
+
+def check_mtp_targets(value):
+    """Raises a `ValueError` unless `value` is one of `MTP_TARGETS`."""
+    if not (isinstance(value, str) and value in MTP_TARGETS):
+        raise ValueError(
+            f"`mtp_targets` must be one of {MTP_TARGETS}. Received: "
+            f"mtp_targets={value!r}"
         )
 
 

@@ -9,6 +9,7 @@ from keras_mtp.mtp_block import MTPBlock
 from keras_mtp.mtp_block import check_int
 from keras_mtp.mtp_block import check_loss_chunk_size
 from keras_mtp.mtp_block import check_loss_scaling_factor
+from keras_mtp.mtp_block import check_mtp_targets
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -31,15 +32,21 @@ class MTPCausalLM(keras.Model):
     a training step (`model(x, training=True)`) and in `evaluate`'s step,
     `call` returns instead what `compute_loss` reads: a dict with `"logits"`
     (or `"hidden_states"` `(B, T, d)` with `loss_chunk_size`) and the MTP
-    block's per-depth `"mtp_losses"`, `"mtp_accuracies"`, `"mtp_tokens"`.
+    block's outputs prefixed with `"mtp_"` (`"mtp_losses"`,
+    `"mtp_accuracies"`, `"mtp_tokens"`, `"mtp_predictions"`,
+    `"mtp_weights"`; see `MTPBlock`).
 
     Metrics, in `fit` and `evaluate`: `loss` (total), `main_loss`, `mtp_loss`
-    (unscaled `L_mtp`), `mtp_loss_1 .. mtp_loss_D` and `mtp_accuracy_1 ..
-    mtp_accuracy_D` (top-1 of depth k against the data's token `x[i+k+1]`,
-    teacher-forced: not what speculative decoding accepts). The losses
-    reduce over an epoch as Keras reduces `loss` (weighted by batch size), so
-    the epoch values keep `loss = main_loss + λ·mtp_loss`; accuracies are
-    weighted by valid tokens. See docs/objective.md for every convention.
+    (unscaled `L_mtp`), `mtp_loss_1 .. mtp_loss_D`, `mtp_accuracy_1 ..
+    mtp_accuracy_D` (top-1 of depth k against the data's token `x[i+k+1]`:
+    how well the head predicts the data) and `mtp_acceptance_1 ..
+    mtp_acceptance_D` (top-1 of depth k equal to the main head's top-1 for
+    the same token, `argmax z^0_{i+k}`: what greedy speculative decoding
+    accepts when the earlier drafts were accepted). The losses reduce over
+    an epoch as Keras reduces `loss` (weighted by batch size), so the epoch
+    values keep `loss = main_loss + λ·mtp_loss`; accuracies and acceptances
+    are weighted by valid tokens. See docs/objective.md for every
+    convention.
 
     Args:
         backbone: a keras-hub causal backbone (`GPT2Backbone`,
@@ -62,6 +69,12 @@ class MTPCausalLM(keras.Model):
             `sparse_categorical_accuracy`, both computed from the backbone's
             hidden states: compile with `loss="auto"` and no `metrics` (a
             compiled metric would need the full logits).
+        mtp_targets: `"labels"` or `"main"`. What each depth learns: the
+            data's token `x[i+k+1]`, or the main head's stop-gradient
+            distribution for that token, `softmax(z^0_{i+k})` (distillation
+            from the trunk, by soft cross-entropy; same positions and
+            weights). `"main"` raises `mtp_acceptance_k` for heads trained
+            on a frozen trunk; `mtp_accuracy_k` still counts the data.
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
@@ -99,10 +112,12 @@ class MTPCausalLM(keras.Model):
         mtp_loss_scaling_factor=0.1,
         mtp_detach_trunk=False,
         loss_chunk_size=None,
+        mtp_targets="labels",
         **kwargs,
     ):
         backbones.check_backbone(backbone)
         loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
+        check_mtp_targets(mtp_targets)
         mtp_num_layers = check_int(mtp_num_layers, "mtp_num_layers")
         check_loss_scaling_factor(mtp_loss_scaling_factor)
         mtp_inputs.check_preprocessor(
@@ -116,6 +131,7 @@ class MTPCausalLM(keras.Model):
         self.initial_mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
         self.mtp_detach_trunk = bool(mtp_detach_trunk)
         self.loss_chunk_size = loss_chunk_size
+        self.mtp_targets = mtp_targets
 
         # === Layers ===
         self.backbone = backbone
@@ -132,6 +148,7 @@ class MTPCausalLM(keras.Model):
                 embedding_scale=backbones.embedding_scale(backbone),
                 layer_norm_epsilon=backbones.layer_norm_epsilon(backbone),
                 loss_chunk_size=loss_chunk_size,
+                mtp_targets=mtp_targets,
                 dtype=self.dtype_policy,
                 name="mtp_block",
             )
@@ -150,6 +167,10 @@ class MTPCausalLM(keras.Model):
         ]
         self.mtp_depth_accuracy_trackers = [
             keras.metrics.Mean(name=f"mtp_accuracy_{k}")
+            for k in range(1, mtp_num_layers + 1)
+        ]
+        self.mtp_depth_acceptance_trackers = [
+            keras.metrics.Mean(name=f"mtp_acceptance_{k}")
             for k in range(1, mtp_num_layers + 1)
         ]
         self.main_accuracy_tracker = None
@@ -220,13 +241,18 @@ class MTPCausalLM(keras.Model):
         speculative="auto",
         return_stats=False,
         strip_prompt=False,
+        sampler=None,
+        seed=None,
     ):
-        """Greedy decoding, with the MTP heads as drafters.
+        """Decoding with the main model's sampler, the MTP heads drafting.
 
-        The output is the main model's greedy decoding, token for token,
-        with or without speculation (keras-hub's `CausalLM.generate` with a
-        greedy sampler on the same backbone); speculation only saves main
-        forward passes. See `keras_mtp.speculative`.
+        Greedy (the default) gives the main model's greedy decoding, token
+        for token, with or without speculation (keras-hub's
+        `CausalLM.generate` with a greedy sampler on the same backbone).
+        A stochastic sampler draws from the sampler's distribution over the
+        main model's logits, with or without speculation (drafts accepted
+        by Leviathan et al.'s rule). Speculation only saves main forward
+        passes. See `keras_mtp.speculative`.
 
         Args:
             inputs: a prompt string or a list of them (with a
@@ -244,12 +270,22 @@ class MTPCausalLM(keras.Model):
             speculative: bool or "auto" (use the MTP heads if there are
                 any). With `D` depths, each main forward checks `D` drafts.
             return_stats: if True, also return a dict: `forward_passes`
-                (main model steps after the prompt), `new_tokens`,
-                `tokens_per_forward` (positions filled per main forward: 1
-                without speculation) and `acceptance` (per depth, the share
-                of its drafts accepted when all earlier ones were).
+                (main model passes, the prompt's included), `new_tokens`,
+                `tokens_per_forward` (positions filled per main forward in
+                each row, up to the row's stop token: 1 without
+                speculation), `acceptance` (per depth, the share of its
+                drafts accepted when all earlier ones were) and the counts
+                behind it, `reached` and `accepted`.
             strip_prompt: bool. If True, return only the generated tokens
                 (or text), without the prompt.
+            sampler: None (the sampler given to `compile`, else greedy),
+                a name (`"greedy"`, `"top_k"`, `"top_p"`, `"random"`) or a
+                `keras_hub.samplers.Sampler`, for this call. Speculation
+                samples with `GreedySampler`, `RandomSampler`,
+                `TopKSampler` and `TopPSampler`.
+            seed: int or None. The random draws of a stochastic sampler:
+                the same seed gives the same outputs. None: drawn from the
+                sampler's own seed generator (keras-hub's behaviour).
 
         Returns:
             For text, a string (or a list of them, one per prompt). For
@@ -283,8 +319,16 @@ class MTPCausalLM(keras.Model):
             )
             prompts = {k: ops.convert_to_numpy(v) for k, v in prompts.items()}
             max_length = prompts["token_ids"].shape[1]
+        if sampler is None:
+            sampler = getattr(self, "sampler", None)
         outputs, stats = speculative_lib.generate(
-            self, prompts, max_length, stop_token_ids, speculative
+            self,
+            prompts,
+            max_length,
+            stop_token_ids,
+            speculative,
+            sampler=sampler,
+            seed=seed,
         )
         if strip_prompt:
             outputs = mtp_inputs.strip_prompt(outputs, prompts)
@@ -310,6 +354,7 @@ class MTPCausalLM(keras.Model):
         loss="auto",
         *,
         weighted_metrics="auto",
+        sampler="greedy",
         **kwargs,
     ):
         """Like `keras.Model.compile`, with keras-hub's `CausalLM` defaults.
@@ -317,8 +362,14 @@ class MTPCausalLM(keras.Model):
         `optimizer="auto"` is `Adam(2e-5)`; `loss="auto"` is sparse
         cross-entropy from logits weighted by `sample_weight` (computed
         without a one-hot tensor); `weighted_metrics="auto"` is
-        `SparseCategoricalAccuracy`.
+        `SparseCategoricalAccuracy`. `sampler` is `generate`'s default, as
+        in keras-hub's `CausalLM.compile` (a name or a
+        `keras_hub.samplers.Sampler`), but greedy unless given: keras-hub's
+        default is `"top_k"`.
         """
+        from keras_mtp import speculative as speculative_lib
+
+        self.sampler = speculative_lib.get_sampler(sampler)
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
         if self.loss_chunk_size:
@@ -365,8 +416,9 @@ class MTPCausalLM(keras.Model):
         if not isinstance(y_pred, dict):  # logits, from a user's own loop
             y_pred = {"logits": y_pred}
         main_loss = ops.zeros((), "float32")
+        main_ids = None  # the main head's top-1 ids, (B, T)
         if "hidden_states" in y_pred:
-            main_loss = self._chunked_main_loss(
+            main_loss, main_ids = self._chunked_main_loss(
                 y_pred["hidden_states"], y, sample_weight
             )
         elif self._compile_loss is not None:
@@ -387,6 +439,11 @@ class MTPCausalLM(keras.Model):
             losses = ops.cast(y_pred["mtp_losses"], "float32")  # (D,)
             accuracies = ops.cast(y_pred["mtp_accuracies"], "float32")
             tokens = ops.cast(y_pred["mtp_tokens"], "float32")
+            if main_ids is None:
+                main_ids = mtp_ops.top1(y_pred["logits"])
+            acceptances = mtp_ops.masked_acceptance(
+                y_pred["mtp_predictions"], main_ids, y_pred["mtp_weights"]
+            )  # (D,)
             self.mtp_loss_tracker.update_state(
                 ops.mean(losses), sample_weight=rows
             )
@@ -396,6 +453,9 @@ class MTPCausalLM(keras.Model):
                 )
                 self.mtp_depth_accuracy_trackers[k].update_state(
                     accuracies[k], sample_weight=tokens[k]
+                )
+                self.mtp_depth_acceptance_trackers[k].update_state(
+                    acceptances[k], sample_weight=tokens[k]
                 )
         return total
 
@@ -407,7 +467,8 @@ class MTPCausalLM(keras.Model):
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def _chunked_main_loss(self, hidden, y, sample_weight):
-        """The default compiled loss and accuracy, one chunk at a time."""
+        """The default compiled loss and accuracy, one chunk at a time:
+        `(main_loss, main head's top-1 ids (B, T))`."""
         if y is None:
             raise ValueError(
                 "A model with `loss_chunk_size` needs targets `y` in `fit` "
@@ -416,19 +477,20 @@ class MTPCausalLM(keras.Model):
         if sample_weight is None:
             sample_weight = ops.ones(ops.shape(y), "float32")
         embedding = self.backbone.token_embedding
-        losses, accuracies = mtp_ops.chunked_cross_entropy(
+        losses, accuracies, predictions = mtp_ops.chunked_cross_entropy(
             hidden[None],
             backbones.head_kernel(embedding),
             y[None],
             sample_weight[None],
             self.loss_chunk_size,
             head=lambda h, kernel: backbones.apply_head(embedding, h, kernel),
+            return_predictions=True,
         )
         weight = ops.sum(ops.cast(sample_weight, "float32"))
         self.main_accuracy_tracker.update_state(accuracies[0], weight)
         # `SparseCrossEntropy`'s reduction: sum(w · CE) / (B · T).
         tokens = ops.cast(ops.size(y), "float32")
-        return losses[0] * ops.maximum(weight, 1.0) / tokens
+        return losses[0] * ops.maximum(weight, 1.0) / tokens, predictions[0]
 
     def _prepare(
         self, x, y, sample_weight, batch_size, step=True, shuffle=False
@@ -598,6 +660,7 @@ class MTPCausalLM(keras.Model):
                 "mtp_loss_scaling_factor": self.initial_mtp_loss_scaling_factor,
                 "mtp_detach_trunk": self.mtp_detach_trunk,
                 "loss_chunk_size": self.loss_chunk_size,
+                "mtp_targets": self.mtp_targets,
             }
         )
         return config

@@ -6,7 +6,6 @@ Notation (docs/objective.md): `x` token ids `(B, T)`, `m` padding mask
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 
@@ -113,9 +112,67 @@ def masked_cross_entropy(logits, targets, weights):
 
 def masked_accuracy(logits, targets, weights):
     """Token-weighted top-1 accuracy of `logits` against `targets`."""
-    predictions = ops.cast(ops.argmax(logits, axis=-1), "int32")
-    hits = ops.cast(predictions == ops.cast(targets, "int32"), "float32")
+    hits = ops.cast(top1(logits) == ops.cast(targets, "int32"), "float32")
     return weighted_mean(hits, weights)
+
+
+def top1(logits):
+    """The top-1 ids `argmax(z)` of `logits` `(..., V)`, int32 `(...)`.
+
+    Ties go to the first maximum, as `argmax`; computed as the smallest id
+    holding the row's maximum: two reductions, where XLA's CPU argmax was
+    ~6x slower than a max reduction (measured for the chunked loss).
+    """
+    logits = ops.cast(logits, "float32")
+    vocab = logits.shape[-1]
+    row_max = ops.max(logits, axis=-1, keepdims=True)
+    ids = ops.arange(vocab, dtype="int32")
+    return ops.min(ops.where(logits >= row_max, ids, vocab), axis=-1)
+
+
+def soft_cross_entropy(logits, teacher_logits):
+    """Per-token cross-entropy against a soft target, in float32:
+    `logsumexp(z) - sum_v softmax(t)_v z_v`.
+
+    Equal to `KL(softmax(t) || softmax(z))` plus the teacher's entropy, a
+    constant of `z`; its gradient w.r.t. `z` is `softmax(z) - softmax(t)`.
+    No gradient flows to `teacher_logits`.
+
+    Args:
+        logits: float tensor `(..., V)`, the student's `z`.
+        teacher_logits: float tensor `(..., V)`, the teacher's `t`.
+
+    Returns:
+        float32 tensor `(...)`.
+    """
+    logits = ops.cast(logits, "float32")
+    teacher = ops.softmax(
+        ops.stop_gradient(ops.cast(teacher_logits, "float32")), axis=-1
+    )
+    return ops.logsumexp(logits, axis=-1) - ops.sum(teacher * logits, axis=-1)
+
+
+def masked_acceptance(draft_ids, main_ids, weights):
+    """Per-depth share of valid positions where depth `k`'s draft equals the
+    main head's top-1 for the same token, `(D,)` float32.
+
+    Depth `k` at position `i` and the main head at position `i + k` both
+    predict `x[i + k + 1]`: the draft `draft_ids[k - 1, :, i]` is accepted
+    by greedy speculation (after the earlier drafts were) if it equals
+    `main_ids[:, i + k]`. Token-weighted like `masked_accuracy`.
+
+    Args:
+        draft_ids: int tensor `(D, B, T)`, depth `k`'s top-1 at row `k - 1`.
+        main_ids: int tensor `(B, T)`, the main head's top-1.
+        weights: float tensor `(D, B, T)`, `w^k` of each depth.
+    """
+    main_ids = ops.cast(main_ids, "int32")
+    draft_ids = ops.cast(draft_ids, "int32")
+    rates = []
+    for k in range(1, draft_ids.shape[0] + 1):
+        hits = draft_ids[k - 1] == roll_and_mask(main_ids, -k)
+        rates.append(weighted_mean(ops.cast(hits, "float32"), weights[k - 1]))
+    return ops.stack(rates)
 
 
 # Backends where `chunked_cross_entropy` fuses the loss with its gradient;
@@ -128,7 +185,14 @@ FUSED_LOSS_BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def chunked_cross_entropy(
-    hidden_states, kernel, targets, weights, chunk_size, head=None
+    hidden_states,
+    kernel,
+    targets,
+    weights,
+    chunk_size,
+    head=None,
+    teacher_hidden_states=None,
+    return_predictions=False,
 ):
     """Per-group `masked_cross_entropy` and `masked_accuracy` of the logits
     `head(hidden_states, kernel)`, computed `chunk_size` tokens at a time.
@@ -145,6 +209,12 @@ def chunked_cross_entropy(
     one `(d, V)` head-gradient buffer. Equal to the dense computation up to
     float32 summation order.
 
+    With `teacher_hidden_states`, the loss is instead `soft_cross_entropy`
+    against the teacher logits `head(teacher_hidden_states, kernel)`, made
+    chunk by chunk beside the student's under stop-gradient (no gradient
+    reaches the teacher's hidden states or, through them, the kernel); the
+    accuracy still counts `targets`.
+
     Args:
         hidden_states: float tensor `(G, ..., d)`: `G` groups of tokens.
         kernel: float tensor, the output head's kernel (`(d, V)` for the
@@ -159,9 +229,14 @@ def chunked_cross_entropy(
         head: callable `(hidden (n, d), kernel) -> logits (n, V)`; defaults
             to `matmul`. Differentiated by the backend's autodiff, so any
             head works (tied or untied, casts, logit soft-cap).
+        teacher_hidden_states: optional float tensor of the shape of
+            `hidden_states`: each token's teacher input to `head`.
+        return_predictions: bool. If True, also return every token's top-1
+            id (`top1` of its logits), int32 `(G, ...)`.
 
     Returns:
-        `(losses, accuracies)`, float32 tensors `(G,)`.
+        `(losses, accuracies)`, float32 tensors `(G,)`, and the predictions
+        if asked.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
@@ -170,6 +245,7 @@ def chunked_cross_entropy(
     head = head or ops.matmul
     kernel = ops.convert_to_tensor(kernel)
     groups, dim = hidden_states.shape[0], hidden_states.shape[-1]
+    token_shape = ops.shape(targets)
     hidden = ops.reshape(hidden_states, (groups, -1, dim))  # (G, N, d)
     # Float ids (exact below 2^24): the chunk functions take them as
     # arguments, and TF's recompute_grad warns about watching int tensors.
@@ -180,22 +256,35 @@ def chunked_cross_entropy(
     # one number whenever the groups' losses are summed or averaged.
     count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
     scale = ops.stop_gradient(weights / count)
-    pad = (-ops.shape(hidden)[1]) % chunk_size
-    hidden = ops.pad(hidden, [[0, 0], [0, pad], [0, 0]])
-    targets = ops.pad(targets, [[0, 0], [0, pad]])
-    scale = ops.pad(scale, [[0, 0], [0, pad]])
-    chunks = (  # group-major, so each chunk holds one group's tokens
-        ops.reshape(hidden, (-1, chunk_size, dim)),
-        ops.reshape(targets, (-1, chunk_size)),
-        ops.reshape(scale, (-1, chunk_size)),
-    )
+    tokens = ops.shape(hidden)[1]
+    pad = (-tokens) % chunk_size
+    chunks = [  # group-major, so each chunk holds one group's tokens
+        ops.reshape(
+            ops.pad(hidden, [[0, 0], [0, pad], [0, 0]]), (-1, chunk_size, dim)
+        ),
+        ops.reshape(ops.pad(targets, [[0, 0], [0, pad]]), (-1, chunk_size)),
+        ops.reshape(ops.pad(scale, [[0, 0], [0, pad]]), (-1, chunk_size)),
+    ]
+    if teacher_hidden_states is not None:
+        teacher = ops.stop_gradient(
+            ops.reshape(teacher_hidden_states, (groups, -1, dim))
+        )
+        teacher = ops.pad(teacher, [[0, 0], [0, pad], [0, 0]])
+        chunks.append(ops.reshape(teacher, (-1, chunk_size, dim)))
     fused = keras.config.backend() in FUSED_LOSS_BACKENDS
     if fused and _may_need_gradients(hidden, kernel):
         sums = _fused_chunk_sums(head, kernel, *chunks)
     else:
         sums = _remat_chunk_sums(head, kernel, *chunks)
-    sums = ops.sum(ops.reshape(sums, (groups, -1, 2)), axis=1)  # (G, 2)
-    return sums[:, 0], sums[:, 1]
+    # sums: (M, 2 + chunk_size): the two sums, then the chunk's top-1 ids.
+    sums = ops.reshape(sums, (groups, -1, 2 + chunk_size))
+    losses = ops.sum(sums[:, :, 0], axis=1)  # (G,)
+    accuracies = ops.sum(sums[:, :, 1], axis=1)
+    if not return_predictions:
+        return losses, accuracies
+    predictions = ops.reshape(sums[:, :, 2:], (groups, -1))[:, :tokens]
+    predictions = ops.cast(ops.stop_gradient(predictions), "int32")
+    return losses, accuracies, ops.reshape(predictions, token_shape)
 
 
 def _may_need_gradients(*tensors):
@@ -210,44 +299,52 @@ def _may_need_gradients(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _chunk_loss(logits, targets, scale):
-    """`(sum(scale * CE), sum(scale * hits), d/d(logits) of the first)` of
-    one chunk's logits `(n, V)`, all float32."""
+def _chunk_loss(logits, targets, scale, teacher_logits=None, grad=True):
+    """`([sum(scale * CE), sum(scale * hits)], top-1 ids, d/d(logits) of the
+    first)` of one chunk's logits `(n, V)`, all float32 (the gradient None
+    unless `grad`).
+
+    `CE` is against `targets`, or against `softmax(teacher_logits)` if
+    given (`soft_cross_entropy`); hits always count `targets`.
+    """
     logits = ops.cast(logits, "float32")
     targets = ops.cast(targets, "int32")
     row_max = ops.max(logits, axis=-1, keepdims=True)
     exp = ops.exp(logits - row_max)
     total = ops.sum(exp, axis=-1, keepdims=True)
-    target_logits = ops.take_along_axis(
-        logits, ops.expand_dims(targets, -1), axis=-1
-    )
-    ce = ops.squeeze(ops.log(total) + row_max - target_logits, -1)
+    log_total = ops.squeeze(ops.log(total) + row_max, -1)
     ids = ops.expand_dims(ops.arange(ops.shape(logits)[-1], dtype="int32"), 0)
-    targets = ops.expand_dims(targets, -1)
-    if keras.config.backend() == "jax":
-        # argmax == target, as argmax breaks ties (the first maximum): no
-        # maximum before the target. XLA's CPU argmax is ~6x slower than
-        # these max reductions.
-        earlier = ops.max(ops.where(ids < targets, logits, -np.inf), axis=-1)
-        hits = ops.logical_and(
-            target_logits[:, 0] >= row_max[:, 0], earlier < row_max[:, 0]
-        )
-    else:
-        predictions = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        hits = predictions == targets[:, 0]
-    scale = ops.expand_dims(scale, -1)
-    # (softmax - onehot) * scale
-    grad = exp * (scale / total) - ops.where(ids == targets, scale, 0.0)
-    return (
-        ops.sum(ce * scale[:, 0]),
-        ops.sum(ops.cast(hits, "float32") * scale[:, 0]),
-        grad,
+    predictions = ops.min(  # `top1`, reusing the row maximum
+        ops.where(logits >= row_max, ids, ops.shape(logits)[-1]), axis=-1
     )
+    hits = ops.cast(predictions == targets, "float32")
+    scale = ops.expand_dims(scale, -1)
+    logits_grad = None
+    if teacher_logits is None:
+        target_logits = ops.take_along_axis(
+            logits, ops.expand_dims(targets, -1), axis=-1
+        )
+        ce = log_total - ops.squeeze(target_logits, -1)
+        if grad:  # (softmax - onehot) * scale
+            logits_grad = exp * (scale / total) - ops.where(
+                ids == ops.expand_dims(targets, -1), scale, 0.0
+            )
+    else:
+        teacher = ops.softmax(
+            ops.stop_gradient(ops.cast(teacher_logits, "float32")), axis=-1
+        )
+        ce = log_total - ops.sum(teacher * logits, axis=-1)
+        if grad:  # (softmax - teacher) * scale
+            logits_grad = (exp / total - teacher) * scale
+    sums = ops.stack([ops.sum(ce * scale[:, 0]), ops.sum(hits * scale[:, 0])])
+    return sums, ops.cast(predictions, "float32"), logits_grad
 
 
-def _fused_chunk_sums(head, kernel, hidden, targets, scale):
-    """Chunk sums `(M, 2)` of `chunked_cross_entropy`, with the gradient made
-    in the forward pass (`_vjp` of `head` on each chunk).
+def _fused_chunk_sums(head, kernel, hidden, targets, scale, *teacher):
+    """Chunk outputs `(M, 2 + n)` of `chunked_cross_entropy` (the two sums,
+    then the chunk's `n` top-1 ids), with the gradient made in the forward
+    pass (`_vjp` of `head` on each chunk). `teacher`: optional teacher
+    hidden states `(M, n, d)`, given no gradient.
 
     The kernel gradient is kept as one sum over all chunks: exact when every
     chunk gets the same upstream gradient (the groups' losses summed or
@@ -256,23 +353,31 @@ def _fused_chunk_sums(head, kernel, hidden, targets, scale):
     hold a second `(d, V)` buffer).
     """
 
-    def chunk_grads(kernel, hidden, targets, scale):
+    def chunk_grads(kernel, hidden, targets, scale, *teacher):
         logits, pullback = _vjp(head, hidden, kernel)
-        ce, hits, logits_grad = _chunk_loss(logits, targets, scale)
+        teacher_logits = None
+        if teacher:
+            teacher_logits = ops.stop_gradient(head(teacher[0], kernel))
+        sums, predictions, logits_grad = _chunk_loss(
+            logits, targets, scale, teacher_logits
+        )
         hidden_grad, kernel_grad = pullback(ops.cast(logits_grad, logits.dtype))
         return (
-            ops.stack([ce, hits]),
+            ops.concatenate([sums, predictions]),
             hidden_grad,
             ops.cast(kernel_grad, "float32"),
         )
 
     @ops.custom_gradient
-    def fused(hidden, kernel, targets, scale):
+    def fused(hidden, kernel, targets, scale, *teacher):
         def step(kernel_grad, chunk):
             sums, hidden_grad, chunk_kernel_grad = chunk_grads(kernel, *chunk)
             return kernel_grad + chunk_kernel_grad, (sums, hidden_grad)
 
-        xs, dtypes = (hidden, targets, scale), ("float32", hidden.dtype)
+        xs, dtypes = (
+            (hidden, targets, scale, *teacher),
+            ("float32", hidden.dtype),
+        )
         kernel_grad, (sums, hidden_grad) = _scan(
             step, ops.zeros(ops.shape(kernel), "float32"), xs, dtypes
         )
@@ -285,6 +390,7 @@ def _fused_chunk_sums(head, kernel, hidden, targets, scale):
 
             def recompute(i, kernel_grad):
                 chunk = (hidden[i], targets[i], scale[i] * upstream[i])
+                chunk += tuple(t[i] for t in teacher)
                 return i + 1, kernel_grad + chunk_grads(kernel, *chunk)[2]
 
             _, kernel_grad_ = ops.while_loop(
@@ -300,11 +406,12 @@ def _fused_chunk_sums(head, kernel, hidden, targets, scale):
                 ops.cast(kernel_grad_, kernel.dtype),
                 ops.zeros_like(targets),
                 ops.zeros_like(scale),
+                *(ops.zeros_like(t) for t in teacher),
             )
 
         return sums, grad
 
-    return fused(hidden, kernel, targets, scale)
+    return fused(hidden, kernel, targets, scale, *teacher)
 
 
 def _scan(step, carry, xs, dtypes):
@@ -350,19 +457,21 @@ def _vjp(fn, *args):
     )
 
 
-def _remat_chunk_sums(head, kernel, hidden, targets, scale):
-    """Chunk sums `(M, 2)` of `chunked_cross_entropy` by `ops.map` over a
-    rematerialized chunk function (the backward pass recomputes the logits).
-    """
+def _remat_chunk_sums(head, kernel, hidden, targets, scale, *teacher):
+    """Chunk outputs `(M, 2 + n)` of `chunked_cross_entropy` by `ops.map`
+    over a rematerialized chunk function (the backward pass recomputes the
+    logits)."""
 
     @keras.remat
-    def chunk_sums(hidden, targets, scale, kernel):
+    def chunk_sums(kernel, hidden, targets, scale, *teacher):
         logits = head(hidden, kernel)  # (chunk_size, V): the only live logits
-        targets = ops.cast(targets, "int32")
-        ce = sparse_cross_entropy(logits, targets)
-        predictions = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        hits = ops.cast(predictions == targets, "float32")
-        return ops.stack([ops.sum(ce * scale), ops.sum(hits * scale)])
+        teacher_logits = None
+        if teacher:
+            teacher_logits = ops.stop_gradient(head(teacher[0], kernel))
+        sums, predictions, _ = _chunk_loss(
+            logits, targets, scale, teacher_logits, grad=False
+        )
+        return ops.concatenate([sums, ops.stop_gradient(predictions)])
 
-    chunks = (hidden, targets, scale)
-    return ops.map(lambda chunk: chunk_sums(*chunk, kernel), chunks)
+    chunks = (hidden, targets, scale, *teacher)
+    return ops.map(lambda chunk: chunk_sums(kernel, *chunk), chunks)

@@ -1,33 +1,54 @@
-"""Greedy self-speculative decoding with the MTP heads.
+"""Self-speculative decoding with the MTP heads: greedy, or sampling.
 
 The MTP depths, trained to predict the tokens 2, 3, ... ahead, draft `D`
 tokens; the main model checks them all in one incremental forward pass over
-its key/value cache and keeps the longest prefix that equals its own greedy
-choices, plus one token of its own. The output is the main model's greedy
-decoding, token for token; only the number of main forward passes changes.
+its key/value cache and keeps a prefix of them, plus one token of its own.
+Greedy: the drafts that equal its own greedy choices, so the output is the
+main model's greedy decoding, token for token. Sampling (keras-hub's
+`RandomSampler`, `TopKSampler`, `TopPSampler`): draft `x ~ q` (depth k's
+distribution after the sampler's temperature and filtering), accept it with
+probability `min(1, p(x) / q(x))` (`p` the main model's, after the same),
+on rejection draw from `norm(max(0, p - q))`, and after `D` accepted drafts
+a bonus token from `p` (Leviathan et al. 2023, Chen et al. 2023), so the
+output is distributed as the sampler on the main model. Either way only the
+number of main forward passes changes.
 
-One step, with `x_0 .. x_n` accepted and drafts `d_1 .. d_D` for the
-positions `n+1 .. n+D`:
+The loop (`_Loop`) keeps a named state (`_State`) and has three steps:
 
-1. The main model runs over the window `[x_n, d_1, .., d_D]` at positions
-   `n .. n+D` (keras-hub's `call_with_cache`), giving its greedy tokens
-   `g_0 .. g_D` for the positions `n+1 .. n+D+1`.
-2. `a` = the number of leading drafts with `d_j == g_{j-1}`; the tokens
-   `g_0 .. g_a` are accepted, so `n' = n + a + 1`.
-3. Depth `k` runs over the same window positions with its own cache: at
-   position `i` it reads `h^{k-1}_i` and the token `x_{i+k}` (accepted, or
-   the draft of an earlier depth), and its output at `n' - 1` drafts
-   `x_{n'+k}`.
+1. Prefill: the prompts through the main model, whose output at the
+   shortest prompt's last position `first` gives the token `x_{first+1}`,
+   then through every depth, whose outputs at `first` draft
+   `x_{first+2} ..` (depth k reads `x_{first+k}`: the main model's token for
+   k = 1, depth k-1's draft after it).
+2. Verify, with `x_0 .. x_n` accepted and drafts `d_1 .. d_D` for the
+   positions `n+1 .. n+D`: the main model runs over the window
+   `[x_n, d_1, .., d_D]` at positions `n .. n+D` (keras-hub's
+   `call_with_cache`), accepts `a` drafts by the rule above and adds one
+   token of its own, so `n' = n + a + 1`.
+3. Draft: depth `k` runs over the same window positions with its own
+   cache: at position `i` it reads `h^{k-1}_i` and the token `x_{i+k}`
+   (accepted, or the draft of an earlier depth), and its output at `n' - 1`
+   drafts `x_{n'+k}`.
 
 Window positions past `n'` are written to the caches too, but the next
 window starts at `n'` and overwrites them, so every cached position below
 the window holds accepted tokens only (the MTP caches hold what each depth
-saw when the position was last in a window). Shapes are static, so the
-loop compiles (JAX `jit`, TensorFlow `tf.function`).
+saw when the position was last in a window: for k >= 2 that can be an
+earlier draft). Shapes are static, so the loop compiles (JAX `jit`,
+TensorFlow `tf.function`). With learned position embeddings (GPT-2, OPT)
+the caches end at `max_sequence_length`; windows near it start earlier,
+over tokens already accepted, instead of reaching past it.
 
 In a batch, all rows advance together by the smallest `a` among the rows
-that have not stopped. Rows whose prompt is longer than the shortest one
-keep their prompt tokens, as keras-hub's samplers do.
+that have not stopped. A row that accepted more keeps its next accepted
+draft in place of its own token and drops the later ones, which are
+drafted and checked again: under sampling, every kept token is still a
+draw from `p` given the tokens before it (an accepted draft and the
+correction after a rejection are both draws from `p`, and which of them is
+kept depends only on earlier draws and on the other rows). Rows whose
+prompt is longer than the shortest one keep their prompt tokens, as
+keras-hub's samplers do. Random draws hash `(seed, step, index)`
+(`uniform`): the loop carries no random state.
 
 Family differences (`keras_mtp.backbones.FAMILIES`):
 
@@ -43,16 +64,17 @@ Family differences (`keras_mtp.backbones.FAMILIES`):
   advances past rejected drafts, and a state is not indexed by position.
   Verification runs those layers token by token (keras-hub's own
   single-token step) and keeps the state after each token; step 2 keeps the
-  state after offset `a`. The prefill runs them token by token too, with
-  the state frozen from the first window's position on. keras-hub's own
-  Qwen3.5 `generate` is not the model's greedy decoding (see
-  `Family.keras_hub_generate`); `generate(speculative=False)` then runs this
-  loop without drafts.
+  state after offset `a`. The prefill runs them token by token too, up to
+  the first window's position. keras-hub's own Qwen3.5 `generate` is not
+  the model's greedy decoding (see `Family.keras_hub_generate`);
+  `generate(speculative=False)` then runs this loop without drafts.
 """
 
 import functools
+import typing
 
 import keras
+import keras_hub
 import numpy as np
 from keras import ops
 
@@ -133,23 +155,35 @@ def _argmax(logits):
     return ops.cast(ops.argmax(logits, axis=-1), "int32")
 
 
-def _check_positions(backbone, cache_length):
+def _cache_length(backbone, length, depths):
+    """How many positions the caches hold: `length + depths` (windows and
+    drafts reach past `length`), at most the backbone's learned position
+    embeddings, if it has any: windows then start earlier near the end
+    (see `_Loop.verify`), never past the last position."""
+    cache_length = length + depths
     limit = getattr(backbone, "max_sequence_length", None)
-    if backbones.family(backbone).learned_positions and limit is not None:
-        if cache_length > limit:
-            raise ValueError(
-                "Speculative decoding looks up to mtp_num_layers positions "
-                "past `max_length`, beyond this backbone's learned position "
-                f"embeddings: max_length + mtp_num_layers = {cache_length} > "
-                f"max_sequence_length = {limit}. Use a smaller max_length."
-            )
+    if not backbones.family(backbone).learned_positions or limit is None:
+        return cache_length
+    if length > limit:
+        raise ValueError(
+            "`max_length` is beyond this backbone's learned position "
+            f"embeddings: max_length = {length} > max_sequence_length = "
+            f"{limit}. Use a smaller max_length."
+        )
+    if depths + 1 > limit:
+        raise ValueError(
+            f"A verification window of mtp_num_layers + 1 = {depths + 1} "
+            f"positions does not fit in max_sequence_length = {limit}."
+        )
+    return min(cache_length, limit)
 
 
-def _prefill(task, token_ids, prompt_mask, first):
-    """`(hidden, cache)` of the main model over `token_ids`: keras-hub's
-    prefill, or `_recurrent_prefill` for families with recurrent layers."""
+def _prefill(task, token_ids, prompt_mask, count):
+    """`(hidden, cache)` of the main model over `token_ids`, exact for the
+    positions `0 .. count - 1`: keras-hub's prefill, or `_recurrent_prefill`
+    for families with recurrent layers."""
     if backbones.family(task.backbone).recurrent:
-        return _recurrent_prefill(task, token_ids, first)
+        return _recurrent_prefill(task, token_ids, count)
     return backbones.prefill(task, token_ids, prompt_mask)
 
 
@@ -239,15 +273,16 @@ def _recurrent_call_with_cache(task, token_ids, cache, index):
     return logits, hidden, cache
 
 
-def _recurrent_prefill(task, token_ids, first):
-    """Prefill of a hybrid trunk: `(hidden, cache)` with the recurrent
-    states after the tokens `0 .. first - 1` exactly.
+def _recurrent_prefill(task, token_ids, count):
+    """Prefill of a hybrid trunk: `(hidden, cache)` with the outputs and
+    recurrent states of the tokens `0 .. count - 1` exactly.
 
     Full-attention layers run over all of `token_ids` at once. Recurrent
-    layers run token by token over all positions (a loop of keras-hub's
-    single-token step), their states frozen from position `first` on, where
-    the first verification window starts. Outputs past `first` are never
-    read: the windows overwrite those key/value entries first.
+    layers run token by token (a loop of keras-hub's single-token step) up
+    to position `count`, where the first verification window starts; their
+    outputs from there on are zeros. Nothing reads what those give: every
+    window overwrites the key/value entries of its positions before any
+    later position attends to them.
     """
     backbone = task.backbone
     batch, length = token_ids.shape
@@ -275,18 +310,14 @@ def _recurrent_prefill(task, token_ids, first):
             def step(t, carry, layer=layer, inputs=inputs, layer_kv=layer_kv):
                 outputs, state_conv, state_rec = carry
                 token = ops.slice(inputs, [0, t, 0], [batch, 1, width])
-                y, _, next_conv, next_rec = layer.call_and_update_cache(
+                y, _, state_conv, state_rec = layer.call_and_update_cache(
                     token, layer_kv, state_conv, state_rec, t
                 )
-                keep = t < first
-                return (
-                    ops.slice_update(outputs, [0, t, 0], y),
-                    ops.where(keep, next_conv, state_conv),
-                    ops.where(keep, next_rec, state_rec),
-                )
+                outputs = ops.slice_update(outputs, [0, t, 0], y)
+                return outputs, state_conv, state_rec
 
             x, layer_conv, layer_rec = ops.fori_loop(
-                0, length, step, (ops.zeros_like(inputs), layer_conv, layer_rec)
+                0, count, step, (ops.zeros_like(inputs), layer_conv, layer_rec)
             )
         new_key_value.append(layer_kv)
         new_conv.append(layer_conv)
@@ -300,14 +331,473 @@ def _recurrent_prefill(task, token_ids, first):
     return hidden, cache
 
 
+# === Sampling ================================================================
+
+
+def sampler_probabilities(sampler, logits):
+    """The distribution `sampler` draws the next token from, `(..., V)`
+    float32: keras-hub's temperature softmax (`Sampler.compute_probabilities`)
+    then, for `TopKSampler` and `TopPSampler`, their filtering, renormalized.
+
+    `RandomSampler`, `TopKSampler` and `TopPSampler` (keras-hub 0.32) are
+    supported: speculative sampling needs the distribution itself, not only
+    a draw from it. Tokens tied with the last one kept by top-k / top-p are
+    all kept (keras-hub keeps the first of them by index).
+    """
+    if type(sampler) not in SAMPLING:
+        raise ValueError(
+            "Speculative sampling computes the sampler's distribution, which "
+            "keras_mtp knows for "
+            + ", ".join(c.__name__ for c in SAMPLING)
+            + f". Received: sampler={type(sampler).__name__}"
+        )
+    logits = ops.cast(logits, "float32")
+    probs = ops.softmax(logits / sampler.temperature, axis=-1)
+    vocabulary = probs.shape[-1]
+    k = getattr(sampler, "k", None)
+    if k is not None and k < vocabulary:
+        kth = ops.top_k(probs, k, sorted=True)[0][..., -1:]
+        probs = ops.where(probs >= kth, probs, 0.0)
+    if isinstance(sampler, keras_hub.samplers.TopPSampler):
+        # keras-hub keeps the most probable tokens while the probability
+        # mass before each is <= p (always the first one).
+        ranked = ops.top_k(probs, vocabulary, sorted=True)[0]
+        before = ops.cumsum(ranked, axis=-1) - ranked
+        kept = ops.sum(ops.cast(before <= sampler.p, "int32"), -1)
+        last = ops.take_along_axis(ranked, kept[..., None] - 1, axis=-1)
+        probs = ops.where(probs >= last, probs, 0.0)
+    return probs / ops.sum(probs, axis=-1, keepdims=True)
+
+
+SAMPLING = (
+    keras_hub.samplers.RandomSampler,
+    keras_hub.samplers.TopKSampler,
+    keras_hub.samplers.TopPSampler,
+)
+
+
+def sample(probs, uniform):
+    """Inverse-CDF draws from `probs` `(..., V)`, one per `uniform` value in
+    `(0, 1)` `(...)`: int32 `(...)`. A zero-probability token is never
+    drawn."""
+    cdf = ops.cumsum(ops.convert_to_tensor(probs), axis=-1)
+    threshold = ops.convert_to_tensor(uniform)[..., None] * cdf[..., -1:]
+    token = ops.sum(ops.cast(cdf < threshold, "int32"), axis=-1)
+    return ops.minimum(token, probs.shape[-1] - 1)
+
+
+def residual(p, q):
+    """Where a rejected draft resamples from: `norm(max(0, p - q))` (Leviathan
+    et al. 2023), or `p` where that is all zeros (p == q up to rounding:
+    then no draft is ever rejected)."""
+    r = ops.maximum(p - q, 0.0)
+    total = ops.sum(r, axis=-1, keepdims=True)
+    return ops.where(total > 0, r / ops.maximum(total, 1e-30), p)
+
+
+def accept_drafts(p, q, drafts, uniform):
+    """Leviathan et al.'s test: a draft `x ~ q` is accepted with probability
+    `min(1, p(x) / q(x))`; `p` and `q` `(B, D, V)`, `drafts` and `uniform`
+    `(B, D)`. Returns a bool `(B, D)`."""
+    index = drafts[..., None]
+    p_x = ops.take_along_axis(p, index, axis=-1)[..., 0]
+    q_x = ops.take_along_axis(q, index, axis=-1)[..., 0]
+    return uniform * q_x < p_x
+
+
+def _shift_right(x, bits):
+    """Logical right shift of int32 bits."""
+    return ops.bitwise_and(ops.right_shift(x, bits), (1 << (32 - bits)) - 1)
+
+
+def _mix(x):
+    """MurmurHash3's 32-bit finalizer (a bijection with full avalanche), on
+    int32 bits; products wrap around on every backend."""
+    x = ops.bitwise_xor(x, _shift_right(x, 16))
+    x = x * -2048144789  # 0x85ebca6b
+    x = ops.bitwise_xor(x, _shift_right(x, 13))
+    x = x * -1028477387  # 0xc2b2ae35
+    return ops.bitwise_xor(x, _shift_right(x, 16))
+
+
+def uniform(seed, counter, shape):
+    """Uniform float32 values in `(0, 1)`, 24 random bits each: a hash of
+    `(seed, counter, index)`, int32 tensors. Counter-based, so the loop
+    carries no random state: the same draws on every backend and inside
+    JAX's `jit`, TensorFlow's `tf.function` or eager torch."""
+    size = int(np.prod(shape))
+    key = _mix(ops.bitwise_xor(_mix(seed), counter))
+    index = ops.arange(1, size + 1, dtype="int32")
+    bits = _shift_right(_mix(ops.bitwise_xor(key, _mix(index))), 8)
+    values = (ops.cast(bits, "float32") + 0.5) * (1.0 / (1 << 24))
+    return ops.reshape(values, shape)
+
+
+# === The decoding loop =======================================================
+
+
+class _State(typing.NamedTuple):
+    """The decoding loop's state (tensors)."""
+
+    n: typing.Any  # () position of the last accepted token
+    buffer: typing.Any  # (B, T + 2D) accepted tokens, then drafts n+1 ..
+    draft_probs: typing.Any  # (B, D + 1, V) q of the next window's drafts
+    cache: typing.Any  # the main model's cache (keras-hub's)
+    mtp_caches: typing.Any  # one key/value cache per depth
+    stopped: typing.Any  # (B,) a row has generated a stop token
+    forwards: typing.Any  # (B,) main forward passes while a row generated
+    reached: typing.Any  # (D,) drafts checked (all earlier ones accepted)
+    accepted: typing.Any  # (D,) drafts accepted
+    steps: typing.Any  # () main forward passes (the prefill's included)
+
+
+class _Inputs(typing.NamedTuple):
+    """The loop's constants (tensors)."""
+
+    prompt: typing.Any  # (B, T + 2D) the prompts, padded
+    forced: typing.Any  # (B, T + 2D) prompt positions
+    first: typing.Any  # () the shortest prompt's last position
+    seed: typing.Any  # () int32
+
+
+class _Loop:
+    """Self-speculative decoding of `model` (see the module docstring): a
+    prefill, then `verify` and `draft` until every row has stopped.
+
+    Args:
+        model: an `MTPCausalLM`.
+        task: keras-hub's `CausalLM` on `model.backbone`.
+        stop_token_ids: tuple of ints, or None.
+        ragged: False promises that every prompt has the same length, so
+            no generated position needs the prompt's token (fewer ops).
+        depths: how many MTP depths draft; 0 decodes one token per main
+            forward pass.
+        sampler: a keras-hub `Sampler` whose distribution is known
+            (`SAMPLING`), or None for greedy decoding.
+    """
+
+    def __init__(self, model, task, stop_token_ids, ragged, depths, sampler):
+        self.task = task
+        self.backbone = model.backbone
+        self.embedding = model.backbone.token_embedding
+        self.layers = model.mtp_block.mtp_layers[:depths] if depths else []
+        self.scale = model.mtp_block.embedding_scale if depths else None
+        self.depths = depths
+        self.window = depths + 1
+        self.stop_token_ids = stop_token_ids
+        self.ragged = ragged
+        self.sampler = sampler
+
+    def __call__(self, token_ids, padding_mask, seed):
+        batch, self.length = token_ids.shape
+        self.cache_length = _cache_length(
+            self.backbone, self.length, self.depths
+        )
+        # Drafts and windows reach up to 2D positions past the last one.
+        pad = [[0, 0], [0, 2 * self.depths]]
+        inputs = _Inputs(
+            prompt=ops.pad(ops.cast(token_ids, "int32"), pad),
+            forced=ops.pad(ops.cast(padding_mask, "bool"), pad),
+            first=ops.min(ops.sum(ops.cast(padding_mask, "int32"), 1)) - 1,
+            seed=ops.cast(seed, "int32"),
+        )
+        state = self.draft(*self.prefill(inputs), inputs)
+
+        def cond(state):
+            more = state.n < self.length - 1
+            return ops.logical_and(
+                more, ops.logical_not(ops.all(state.stopped))
+            )
+
+        def body(state):
+            return (self.draft(*self.verify(state, inputs), inputs),)
+
+        (state,) = ops.while_loop(cond, body, (state,))
+        return self.outputs(state, inputs, padding_mask)
+
+    # === Steps ===
+
+    def prefill(self, inputs):
+        """The prompts through the main model (its token for `first + 1`)
+        and every depth (the first drafts)."""
+        batch = inputs.prompt.shape[0]
+        first, length = inputs.first, self.cache_length
+        hidden, cache = _prefill(
+            self.task,
+            inputs.prompt[:, :length],
+            inputs.forced[:, :length],
+            first + 1,
+        )
+        logits = self.embedding(ops.take(hidden, first, axis=1), reverse=True)
+        token, _ = self.choose(logits, inputs, 1, batch)
+        token = self.keep_prompt(first + 1, token[:, None], inputs)
+        fresh = ops.logical_not(ops.take(inputs.forced, first + 1, axis=1))
+        fresh = fresh & (first + 1 < self.length)
+        # Each depth's cache is shaped like that of the layer its block copies.
+        empty = keras.tree.map_structure(
+            ops.zeros_like,
+            backbones.layer_cache(
+                self.backbone,
+                cache,
+                backbones.block_source_index(self.backbone),
+            ),
+        )
+        zeros = ops.zeros((self.depths,), "int32")
+        state = _State(
+            n=first + 1,
+            buffer=ops.slice_update(inputs.prompt, [0, first + 1], token),
+            draft_probs=self.no_probs(batch),
+            cache=cache,
+            mtp_caches=tuple(empty for _ in self.layers),
+            stopped=self.is_stop(token[:, 0]) & fresh,
+            forwards=ops.ones((batch,), "int32")
+            * ops.cast(first + 1 < self.length, "int32"),
+            reached=zeros,
+            accepted=zeros,
+            steps=ops.ones((), "int32"),
+        )
+        return state, hidden, ops.zeros((), "int32")
+
+    def verify(self, state, inputs):
+        """The main model over `[x_n, d_1 .. d_D]`; accepts a prefix of the
+        drafts and one token more. Returns `(state, hidden, start)`: the
+        window's hidden states and first position, for `draft`."""
+        batch, depths, window = state.buffer.shape[0], self.depths, self.window
+        n = state.n
+        # The window starts at n, or earlier if the caches end first
+        # (learned positions): positions <= n are then known tokens.
+        start = ops.minimum(n, self.cache_length - window)
+        tokens = ops.slice(state.buffer, [0, start], [batch, window])
+        prompt_positions = ops.slice(inputs.forced, [0, start], [batch, window])
+        logits, hidden, cache = _verify(
+            self.task,
+            tokens,
+            state.cache,
+            start,
+            ops.logical_not(prompt_positions),
+        )
+        # Offsets 1 .. D + 1 of the window: the positions start + 1 ..
+        positions = start + 1 + ops.arange(window, dtype="int32")
+        forced = ops.slice(inputs.forced, [0, start + 1], [batch, window])
+        known = forced | (positions <= n)[None]  # (B, D + 1)
+        current = ops.slice(state.buffer, [0, start + 1], [batch, window])
+        run, new_tokens = self.accept(
+            tokens,
+            logits,
+            known,
+            current,
+            state.draft_probs,
+            inputs.seed,
+            state.steps * (depths + 3),
+        )
+        # Rows advance together by the smallest accepted count. A row that
+        # accepted more keeps its next accepted draft in place of the
+        # correction (equally a draw from p) and drops the rest: they are
+        # drafted and checked again from the new position.
+        active = ops.logical_not(state.stopped)
+        own = ops.sum(run, axis=1)
+        advance = ops.min(ops.where(active, own, depths))
+        new_n = start + advance + 1
+        buffer = ops.slice_update(state.buffer, [0, start + 1], new_tokens)
+        stops = self.is_stop(new_tokens) & ~forced
+        stops = stops & (positions < self.length)[None]
+        kept = (positions <= new_n)[None]
+        reached, accepted = self.count(state, run, known, stops, start)
+        state = state._replace(
+            n=new_n,
+            buffer=buffer,
+            cache=_select(self.backbone, cache, new_n - 1 - start),
+            stopped=state.stopped | ops.any(stops & kept, axis=1),
+            forwards=state.forwards + ops.cast(active, "int32"),
+            reached=state.reached + reached,
+            accepted=state.accepted + accepted,
+            steps=state.steps + 1,
+        )
+        return state, hidden, start
+
+    def accept(self, tokens, logits, known, current, q, seed, counter):
+        """The acceptance rule on the window `tokens` `(B, D + 1)` and the
+        main `logits` over it. Returns `(run, new_tokens)`: int32 `(B, D)`,
+        1 where a draft and all before it passed (`known` tokens pass), and
+        the tokens of the offsets 1 .. D + 1 (`current` where `known`, the
+        row's own token after its accepted drafts)."""
+        batch, depths = tokens.shape[0], self.depths
+        if self.sampler is None:
+            # Greedy: a draft is accepted where it is the main argmax.
+            targets = _argmax(logits)  # (B, D + 1)
+            passed = known[:, :-1] | (tokens[:, 1:] == targets[:, :-1])
+            run = ops.cumprod(ops.cast(passed, "int32"), axis=1)  # (B, D)
+            return run, ops.where(known, current, targets)
+        p = sampler_probabilities(self.sampler, logits)  # (B, D + 1, V)
+        passed = accept_drafts(
+            p[:, :-1],
+            q[:, 1:],
+            tokens[:, 1:],
+            uniform(seed, counter, (batch, depths)),
+        )
+        run = ops.cumprod(ops.cast(known[:, :-1] | passed, "int32"), axis=1)
+        # The token after a row's accepted drafts: from the residual where
+        # its draft was rejected, from p after all D passed.
+        own = ops.sum(run, axis=1)
+        p_next = _take_rows(p, own)  # (B, V)
+        q_next = _take_rows(
+            ops.concatenate([q[:, 1:], ops.zeros_like(q[:, :1])], 1), own
+        )
+        correction = sample(
+            residual(p_next, q_next), uniform(seed, counter + 1, (batch,))
+        )
+        offsets = ops.arange(self.window, dtype="int32")[None]
+        own_token = (offsets == own[:, None]) & ops.logical_not(known)
+        return run, ops.where(own_token, correction[:, None], current)
+
+    def draft(self, state, hidden, start, inputs):
+        """The MTP chain over the window's positions `start ..`, reading the
+        window's hidden states; depth k's output at `n - 1` drafts
+        `x_{n+k}` from the tokens `.. x_n, d_1 .. d_{k-1}`."""
+        batch, width = hidden.shape[0], hidden.shape[1]
+        n, buffer = state.n, state.buffer
+        at = n - 1 - start
+        next_start = ops.minimum(n, self.cache_length - self.window)
+        draft_probs = self.no_probs(batch)
+        counter = (state.steps - 1) * (self.depths + 3) + 2
+        caches = []
+        for k, layer in enumerate(self.layers, start=1):
+            ids = ops.slice(buffer, [0, start + k], [batch, width])
+            hidden, normed, cache = layer.call_with_cache(
+                hidden,
+                backbones.embed(self.embedding, ids, scale=self.scale),
+                state.mtp_caches[k - 1],
+                start,
+            )
+            caches.append(cache)
+            logits = self.embedding(ops.take(normed, at, axis=1), reverse=True)
+            token, q = self.choose(logits, inputs, counter + k, batch)
+            token = self.keep_prompt(n + k, token[:, None], inputs)
+            buffer = ops.slice_update(buffer, [0, n + k], token)
+            if q is not None:
+                # Stored at the draft's offset in the next window, if there.
+                offset = n + k - next_start
+                stored = ops.slice_update(
+                    draft_probs,
+                    [0, ops.minimum(offset, self.depths), 0],
+                    q[:, None],
+                )
+                draft_probs = ops.where(
+                    offset <= self.depths, stored, draft_probs
+                )
+        return state._replace(
+            buffer=buffer, draft_probs=draft_probs, mtp_caches=tuple(caches)
+        )
+
+    def outputs(self, state, inputs, padding_mask):
+        """keras-hub's outputs and the loop's counts."""
+        length = self.length
+        # Positions past the last accepted one keep the inputs, as in keras-hub.
+        positions = ops.arange(length, dtype="int32")[None]
+        token_ids = ops.where(
+            (positions <= state.n) | inputs.forced[:, :length],
+            state.buffer[:, :length],
+            inputs.prompt[:, :length],
+        )
+        mask = output_padding_mask(token_ids, padding_mask, self.stop_token_ids)
+        stats = {
+            "forward_passes": state.steps,
+            "row_forward_passes": state.forwards,
+            "reached": state.reached,
+            "accepted": state.accepted,
+        }
+        return token_ids, mask, stats
+
+    # === Helpers ===
+
+    def choose(self, logits, inputs, counter, batch):
+        """The next token for `logits` `(B, V)`, and the distribution it
+        was drawn from (None when greedy)."""
+        if self.sampler is None:
+            return _argmax(logits), None
+        probs = sampler_probabilities(self.sampler, logits)
+        draw = uniform(inputs.seed, counter, (batch,))
+        return sample(probs, draw), probs
+
+    def no_probs(self, batch):
+        if self.sampler is None:
+            return ops.zeros((1,), "float32")  # greedy: drafts are one-hot
+        size = self.embedding.input_dim
+        return ops.zeros((batch, self.window, size), "float32")
+
+    def keep_prompt(self, start, tokens, inputs):
+        """`tokens` for the positions `start ..`, or the prompt's there."""
+        if not self.ragged:
+            return tokens
+        size = [tokens.shape[0], tokens.shape[1]]
+        return ops.where(
+            ops.slice(inputs.forced, [0, start], size),
+            ops.slice(inputs.prompt, [0, start], size),
+            tokens,
+        )
+
+    def is_stop(self, tokens):
+        if not self.stop_token_ids:
+            return ops.zeros_like(tokens, dtype="bool")
+        return _is_stop(tokens, self.stop_token_ids)
+
+    def count(self, state, run, known, stops, start):
+        """Per depth: how many drafts were checked (every earlier token of
+        the window accepted, none of them a stop token, the draft's position
+        a generated one before `max_length`) and accepted, over the rows
+        still generating."""
+        depths = self.depths
+        batch = run.shape[0]
+        ones = ops.ones((batch, 1), "int32")
+        run = ops.concatenate([ones, run], axis=1)  # offsets <= j accepted
+        clear = ops.concatenate(
+            [
+                ones,
+                1
+                - ops.cast(
+                    ops.cumsum(ops.cast(stops, "int32"), 1) > 0, "int32"
+                ),
+            ],
+            axis=1,
+        )  # no stop token at offsets <= j
+        active = ops.cast(ops.logical_not(state.stopped), "int32")
+        reached, accepted = [], []
+        for k in range(1, depths + 1):
+            offset = state.n - start + k  # depth k's draft, in the window
+            inside = offset <= depths
+            at = ops.minimum(offset, depths)
+            draft = ops.logical_not(ops.take(known, at - 1, axis=1))
+            valid = (
+                active
+                * ops.cast(
+                    draft & inside & (state.n + k < self.length), "int32"
+                )
+                * ops.take(run, at - 1, axis=1)
+                * ops.take(clear, at - 1, axis=1)
+            )
+            reached.append(ops.sum(valid))
+            accepted.append(ops.sum(valid * ops.take(run, at, axis=1)))
+        if not depths:
+            return state.reached, state.accepted
+        return ops.stack(reached), ops.stack(accepted)
+
+
+def _take_rows(x, index):
+    """`x[b, index[b]]` for `x` `(B, W, V)`: `(B, V)`."""
+    index = ops.broadcast_to(index[:, None, None], (x.shape[0], 1, x.shape[2]))
+    return ops.take_along_axis(x, index, axis=1)[:, 0]
+
+
 def speculative_decode(
     model,
     task,
     token_ids,
     padding_mask,
-    stop_token_ids,
+    seed=0,
+    stop_token_ids=None,
     ragged=True,
     depths=None,
+    sampler=None,
 ):
     """The decoding loop, in backend ops (traceable).
 
@@ -316,176 +806,26 @@ def speculative_decode(
         task: keras-hub's `CausalLM` on `model.backbone`.
         token_ids, padding_mask: int tensors `(B, T)`; the mask marks the
             prompts, and `T` is the total length.
+        seed: int32 scalar: the random draws of a stochastic `sampler`.
         stop_token_ids: tuple of ints, or None.
         ragged: False promises that every prompt has the same length, so
             no generated position needs the prompt's token (fewer ops).
         depths: how many MTP depths draft (default: all); 0 decodes one
-            token per main forward pass (plain greedy decoding).
+            token per main forward pass.
+        sampler: None (greedy), or a keras-hub sampler of `SAMPLING`.
 
     Returns:
         `(token_ids, padding_mask, stats)`: the outputs, as keras-hub's
         `generate` gives them, and a dict of int tensors: `forward_passes`
-        (main model steps after the prompt), `positions` (positions filled),
-        `reached` and `accepted` `(D,)`: per depth, how often its draft was
-        checked (all earlier drafts accepted) and accepted, over the rows
-        still generating.
+        (main model passes, the prefill's included), `row_forward_passes`
+        `(B,)` (those while each row generated), `reached` and `accepted`
+        `(D,)`: per depth, how often its draft was checked (all earlier
+        tokens accepted) and accepted, up to each row's stop token.
     """
     if depths is None:
         depths = model.mtp_num_layers
-    window = depths + 1
-    batch, length = token_ids.shape
-    backbone = model.backbone
-    embedding = backbone.token_embedding
-    layers = model.mtp_block.mtp_layers[:depths] if depths else []
-    scale = model.mtp_block.embedding_scale if depths else None
-    cache_length = length + depths
-    _check_positions(backbone, cache_length)
-
-    # Drafts and windows reach up to 2D positions past the last one.
-    pad = [[0, 0], [0, 2 * depths]]
-    prompt = ops.pad(ops.cast(token_ids, "int32"), pad)
-    forced = ops.pad(ops.cast(padding_mask, "bool"), pad)
-    first = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=1)) - 1
-
-    def embed(ids):
-        return backbones.embed(embedding, ids, scale=scale)
-
-    def keep_prompt(start, tokens):
-        """`tokens` for the positions `start ..`, or the prompt's there."""
-        if not ragged:
-            return tokens
-        size = [batch, tokens.shape[1]]
-        return ops.where(
-            ops.slice(forced, [0, start], size),
-            ops.slice(prompt, [0, start], size),
-            tokens,
-        )
-
-    def run_depth(layer, hidden, ids, cache, index, at, position, buffer):
-        """Depth `layer` over `ids` at positions `index ..`; its output at
-        offset `at` drafts the token at `position`, written to `buffer`."""
-        hidden, normed, cache = layer.call_with_cache(
-            hidden, embed(ids), cache, index
-        )
-        draft = _argmax(embedding(ops.take(normed, at, axis=1), reverse=True))
-        draft = keep_prompt(position, draft[:, None])
-        return hidden, cache, ops.slice_update(buffer, [0, position], draft)
-
-    # Prefill: the prompt through the main model and every depth at once.
-    hidden, cache = _prefill(
-        task, prompt[:, :cache_length], forced[:, :cache_length], first
-    )
-    # Each depth's cache is shaped like that of the layer its block copies.
-    empty = keras.tree.map_structure(
-        ops.zeros_like,
-        backbones.layer_cache(
-            backbone, cache, backbones.block_source_index(backbone)
-        ),
-    )
-    buffer = prompt
-    mtp_caches = []
-    last = ops.maximum(first - 1, 0)  # depth k there drafts x_{first + k}
-    for k, layer in enumerate(layers, start=1):
-        hidden, layer_cache, buffer = run_depth(
-            layer,
-            hidden,
-            prompt[:, k : k + cache_length],
-            empty,
-            0,
-            last,
-            first + k,
-            buffer,
-        )
-        mtp_caches.append(layer_cache)
-
-    zeros = ops.zeros((depths,), "int32")
-    state = (
-        first,
-        buffer,
-        cache,
-        tuple(mtp_caches),
-        ops.zeros((batch,), "bool"),  # stopped
-        ops.zeros((), "int32"),  # forward passes
-        zeros,  # reached, per depth
-        zeros,  # accepted, per depth
-    )
-
-    def cond(n, buffer, cache, mtp_caches, stopped, *stats):
-        return ops.logical_and(
-            n < length - 1, ops.logical_not(ops.all(stopped))
-        )
-
-    def body(n, buffer, cache, mtp_caches, stopped, steps, reached, accepted):
-        # 1. Verify: the main model over [x_n, d_1 .. d_D].
-        tokens = ops.slice(buffer, [0, n], [batch, window])
-        prompt_positions = ops.slice(forced, [0, n], [batch, window])
-        logits, hidden, cache = _verify(
-            task, tokens, cache, n, ops.logical_not(prompt_positions)
-        )
-        targets = keep_prompt(n + 1, _argmax(logits))  # (B, D + 1)
-        # 2. Accept the drafts that match, and one token more.
-        matches = ops.cast(tokens[:, 1:] == targets[:, :-1], "int32")
-        run = ops.cumprod(matches, axis=1)  # (B, D): all drafts <= j match
-        active = ops.logical_not(stopped)
-        accept = ops.min(ops.where(active, ops.sum(run, axis=1), depths))
-        weight = ops.cast(active, "int32")[:, None]
-        checked = ops.concatenate([ops.ones_like(run[:, :1]), run[:, :-1]], 1)
-        reached = reached + ops.sum(checked * weight, axis=0)
-        accepted = accepted + ops.sum(run * weight, axis=0)
-        buffer = ops.slice_update(buffer, [0, n + 1], targets)
-        new_n = n + accept + 1
-        cache = _select(backbone, cache, accept)
-        if stop_token_ids:
-            offsets = ops.arange(window, dtype="int32")
-            fresh = (offsets <= accept) & (n + 1 + offsets < length)
-            fresh = fresh[None] & ops.logical_not(
-                ops.slice(forced, [0, n + 1], [batch, window])
-            )  # new tokens, not the prompt's
-            hit = ops.any(_is_stop(targets, stop_token_ids) & fresh, axis=1)
-            stopped = ops.logical_or(stopped, hit)
-        # 3. Draft: the MTP chain over the same window positions.
-        new_caches = []
-        for k, layer in enumerate(layers, start=1):
-            hidden, layer_cache, buffer = run_depth(
-                layer,
-                hidden,
-                ops.slice(buffer, [0, n + k], [batch, window]),
-                mtp_caches[k - 1],
-                n,
-                accept,  # window offset of position n' - 1
-                new_n + k,
-                buffer,
-            )
-            new_caches.append(layer_cache)
-        return (
-            new_n,
-            buffer,
-            cache,
-            tuple(new_caches),
-            stopped,
-            steps + 1,
-            reached,
-            accepted,
-        )
-
-    n, buffer, _, _, _, steps, reached, accepted = ops.while_loop(
-        cond, body, state
-    )
-    # Positions past the last accepted one keep the inputs, as in keras-hub.
-    positions = ops.arange(length, dtype="int32")[None]
-    token_ids = ops.where(
-        (positions <= n) | forced[:, :length],
-        buffer[:, :length],
-        prompt[:, :length],
-    )
-    mask = output_padding_mask(token_ids, padding_mask, stop_token_ids)
-    stats = {
-        "forward_passes": steps,
-        "positions": ops.minimum(n, length - 1) - first,
-        "reached": reached,
-        "accepted": accepted,
-    }
-    return token_ids, mask, stats
+    loop = _Loop(model, task, stop_token_ids, ragged, depths, sampler)
+    return loop(token_ids, padding_mask, seed)
 
 
 class _Decoders:
@@ -497,8 +837,16 @@ class _Decoders:
         self.task.compile(sampler="greedy")
         self.functions = {}
 
-    def speculative(self, model, stop_token_ids, ragged, depths=None):
-        key = (stop_token_ids, ragged, depths)
+    def speculative(self, model, stop_token_ids, ragged, depths, sampler):
+        # The loop reads only these of a sampler (not its seed).
+        settings = None
+        if sampler is not None:
+            settings = tuple(
+                (name, getattr(sampler, name, None))
+                for name in ("temperature", "k", "p")
+            )
+            settings = (type(sampler).__name__,) + settings
+        key = (stop_token_ids, ragged, depths, settings)
         if key not in self.functions:
             self.functions[key] = _compile(
                 functools.partial(
@@ -508,10 +856,29 @@ class _Decoders:
                     stop_token_ids=stop_token_ids,
                     ragged=ragged,
                     depths=depths,
+                    sampler=sampler,
                 ),
                 model,
             )
         return self.functions[key]
+
+    def keras_hub(self, sampler, seed):
+        """The task compiled with `sampler`, its random state reset to
+        `seed` if given. A sampler of the same class and settings as the
+        task's keeps keras-hub's compiled generate function."""
+
+        def settings(s):
+            return type(s), {
+                k: v for k, v in s.get_config().items() if k != "seed"
+            }
+
+        if settings(sampler) != settings(self.task.sampler):
+            self.task.compile(sampler=sampler)
+        generator = getattr(self.task.sampler, "seed_generator", None)
+        if seed is not None and generator is not None:
+            fresh = keras.random.SeedGenerator(seed)
+            generator.state.assign(fresh.state.value)
+        return self.task
 
 
 def keras_hub_generate(task, inputs, stop_token_ids=None):
@@ -532,7 +899,7 @@ def keras_hub_generate(task, inputs, stop_token_ids=None):
 
 
 def _compile(fn, model):
-    """`fn(token_ids, padding_mask)` compiled for the backend: `jax.jit` with
+    """`fn(*tensors)` compiled for the backend: `jax.jit` with
     the weights as arguments (not baked in as constants), `tf.function`,
     or eager under `torch.no_grad`."""
     backend = keras.config.backend()
@@ -542,10 +909,10 @@ def _compile(fn, model):
         variables = model.trainable_variables + model.non_trainable_variables
 
         @jax.jit
-        def jitted(values, token_ids, padding_mask):
+        def jitted(values, *args):
             mapping = list(zip(variables, values))
             with keras.StatelessScope(state_mapping=mapping):
-                return fn(token_ids, padding_mask)
+                return fn(*args)
 
         return lambda *args: jitted([v.value for v in variables], *args)
     if backend == "tensorflow":
@@ -563,7 +930,30 @@ def _compile(fn, model):
     return fn
 
 
-def generate(model, inputs, max_length, stop_token_ids, speculative):
+def get_sampler(sampler):
+    """A keras-hub `Sampler` from a name, config or instance (keras-hub's
+    `CausalLM.compile` rules); None and "greedy" give `GreedySampler`."""
+    if sampler is None:
+        sampler = "greedy"
+    sampler = keras_hub.samplers.get(sampler)
+    if not isinstance(sampler, keras_hub.samplers.Sampler):
+        raise ValueError(
+            '`sampler` must be a name ("greedy", "top_k", "top_p", '
+            '"random") or a `keras_hub.samplers.Sampler`. Received: '
+            f"sampler={sampler!r}"
+        )
+    return sampler
+
+
+def generate(
+    model,
+    inputs,
+    max_length,
+    stop_token_ids,
+    speculative,
+    sampler=None,
+    seed=None,
+):
     """`MTPCausalLM.generate`: returns `(outputs, stats)`."""
     if speculative == "auto":
         speculative = model.mtp_num_layers > 0
@@ -572,6 +962,10 @@ def generate(model, inputs, max_length, stop_token_ids, speculative):
             "Speculative decoding drafts with the MTP heads, and this model "
             "has mtp_num_layers=0. Received: speculative=True"
         )
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"`seed` must be an int or None. Received: {seed!r}")
+    sampler = get_sampler(sampler)
+    greedy = isinstance(sampler, keras_hub.samplers.GreedySampler)
     if stop_token_ids is not None:
         stop_token_ids = tuple(int(i) for i in stop_token_ids)
     token_ids, prompt_mask = normalize_inputs(inputs, max_length)
@@ -581,36 +975,64 @@ def generate(model, inputs, max_length, stop_token_ids, speculative):
         model.__dict__["_decoders"] = decoders
     lengths = prompt_mask.sum(axis=1)
     first = int(lengths.min()) - 1
-    # keras-hub's `generate` where it is this model's greedy decoding, else
-    # our loop with no drafts (see `Family.keras_hub_generate`).
+    # keras-hub's `generate` where it is this model's decoding, else our
+    # loop with no drafts (see `Family.keras_hub_generate`).
     exact = backbones.family(model.backbone).keras_hub_generate is None
     if speculative or not exact:
+        if not greedy and type(sampler) not in SAMPLING:
+            raise ValueError(
+                "keras_mtp's decoding loop samples with "
+                + ", ".join(c.__name__ for c in SAMPLING)
+                + " or greedy"
+                + ("" if exact else " (keras-hub's generate is not exact here)")
+                + f". Received: sampler={type(sampler).__name__}"
+            )
+        if seed is None:
+            seed = 0
+            if not greedy:
+                seed = keras.random.randint(
+                    (), 0, 2**31 - 1, seed=sampler.seed_generator
+                )
+                seed = int(ops.convert_to_numpy(seed))
         ragged = bool(lengths.max() > lengths.min())
         function = decoders.speculative(
-            model, stop_token_ids, ragged, None if speculative else 0
+            model,
+            stop_token_ids,
+            ragged,
+            None if speculative else 0,
+            None if greedy else sampler,
         )
-        outputs, mask, raw = function(token_ids, prompt_mask)
-        raw = {k: ops.convert_to_numpy(v) for k, v in raw.items()}
+        outputs, mask, raw = function(
+            token_ids, prompt_mask, np.asarray(seed % 2**31, "int32")
+        )
+        raw = {k: np.asarray(ops.convert_to_numpy(v)) for k, v in raw.items()}
         forward_passes = int(raw["forward_passes"])
-        positions = int(raw["positions"])
-        reached = np.maximum(raw["reached"], 1)
-        acceptance = (raw["accepted"] / reached).tolist()
+        row_forwards = int(raw["row_forward_passes"].sum())
+        reached = raw["reached"].astype(int).tolist()
+        accepted = raw["accepted"].astype(int).tolist()
     else:
+        task = decoders.keras_hub(sampler, seed)
         result = keras_hub_generate(
-            decoders.task,
+            task,
             {"token_ids": token_ids, "padding_mask": prompt_mask},
             stop_token_ids,
         )
         outputs, mask = result["token_ids"], result["padding_mask"]
-        last = np.asarray(ops.convert_to_numpy(mask)).sum(axis=1).max() - 1
-        positions = forward_passes = int(last) - first
-        acceptance = []
+        reached, accepted = [], []
     outputs = np.asarray(ops.convert_to_numpy(outputs)).astype("int32")
     mask = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+    # Positions filled after the shortest prompt, up to each row's stop.
+    positions = int((mask.sum(axis=1) - 1 - first).sum())
+    if not (speculative or not exact):
+        # One position per main forward pass in each row still generating.
+        forward_passes = int((mask.sum(axis=1) - 1).max()) - first
+        row_forwards = positions
     stats = {
         "forward_passes": forward_passes,
         "new_tokens": int((mask & ~prompt_mask.astype(bool)).sum()),
-        "tokens_per_forward": positions / max(forward_passes, 1),
-        "acceptance": acceptance,
+        "tokens_per_forward": positions / max(row_forwards, 1),
+        "acceptance": [a / max(r, 1) for a, r in zip(accepted, reached)],
+        "reached": reached,
+        "accepted": accepted,
     }
     return {"token_ids": outputs, "padding_mask": mask}, stats

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,3 +82,54 @@ def test_bench_train_quick(tmp_path):
         assert d1["params"] > d0["params"]
         assert d1["train_step_temp_mib"] > d0["train_step_temp_mib"]
         assert d1["predicted_ratio"] > 1.0
+
+
+DECODE_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_decode.py")
+
+
+@pytest.mark.slow
+def test_bench_decode_quick(tmp_path):
+    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
+        pytest.skip("the benchmark runs on JAX; the JAX test leg runs it")
+    out, figure = tmp_path / "results.json", tmp_path / "plot.png"
+    command = [sys.executable, DECODE_SCRIPT, "--quick", "--depths", "1"]
+    command += ["--prompts", "1", "--new-tokens", "4", "--rounds", "1"]
+    command += ["--batch-sizes", "1", "--sweep-layers", "1"]
+    command += ["--out", str(out), "--plot", str(figure)]
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    # The script itself asserts that greedy outputs are equal.
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 1 | " in proc.stdout
+    result = json.loads(out.read_text())
+    assert figure.stat().st_size > 0
+    assert {"date", "command", "cpu_count"} <= set(result["machine"])
+    (row,) = result["depths"]
+    assert row["depth"] == 1 and len(row["acceptance"]) == 1
+    assert row["tokens_per_forward"] >= 1.0
+    assert row["plain_ms_per_step"] > 0 and row["speculative_ms_per_step"] > 0
+    # The modelled accelerator speed-up, recomputed from the parameter
+    # counts: tokens per forward / (1 + D * depth weights / trunk weights).
+    params = result["config"]["params"]
+    expected = row["tokens_per_forward"] / (
+        1 + params["depth"] / params["trunk"]
+    )
+    np.testing.assert_allclose(row["modelled_accelerator_speedup"], expected)
+    assert list(result["tokens_per_forward_by_batch"]) == ["1"]
+    assert set(result["cost_breakdown_ms"]) == {
+        "main_window_1",
+        "main_window_2",
+        "depth_window_2",
+        "main_prefill_once",
+    }
+    (sweep,) = result["layer_sweep"]
+    assert sweep["num_layers"] == 1
+    np.testing.assert_allclose(
+        sweep["modelled_cpu_speedup"],
+        row["tokens_per_forward"]
+        * sweep["plain_ms_per_step"]
+        / sweep["speculative_ms_per_step"],
+    )

@@ -44,7 +44,8 @@ def test_csv_logger_tensorboard_and_early_stopping_see_mtp_metrics(tmp_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
-    for key in ("main_loss", "mtp_loss", "mtp_loss_1", "mtp_accuracy_2"):
+    keys = ("main_loss", "mtp_loss", "mtp_loss_1", "mtp_accuracy_2")
+    for key in keys + ("mtp_acceptance_1", "mtp_acceptance_2"):
         for prefix in ("", "val_"):
             values = [float(row[prefix + key]) for row in rows]
             assert np.all(np.isfinite(values)), prefix + key
@@ -57,7 +58,12 @@ def test_csv_logger_tensorboard_and_early_stopping_see_mtp_metrics(tmp_path):
             events = event_accumulator.EventAccumulator(path)
             events.Reload()
             tags |= {f"{run}/{tag}" for tag in events.Tags()["tensors"]}
-    for tag in ("epoch_mtp_loss_1", "epoch_mtp_loss_2", "epoch_mtp_accuracy_1"):
+    for tag in (
+        "epoch_mtp_loss_1",
+        "epoch_mtp_loss_2",
+        "epoch_mtp_accuracy_1",
+        "epoch_mtp_acceptance_2",
+    ):
         assert f"train/{tag}" in tags and f"validation/{tag}" in tags, tags
 
 

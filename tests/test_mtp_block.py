@@ -40,7 +40,10 @@ def numpy_rms_norm(v, scale, eps):
     return v / np.sqrt(np.mean(v**2, -1, keepdims=True) + eps) * scale
 
 
-def numpy_mtp_losses(block, hidden, x, m, s):
+def numpy_mtp_losses(block, hidden, x, m, s, outputs=None):
+    """`L_k` per depth; with `mtp_targets="main"`, against softmax of the
+    main logits `h^0 @ Head` at `i + k`. `outputs`, a dict, gets each
+    depth's top-1 ids and accuracy against the data."""
     emb = block.token_embedding
     table = np_(emb.embeddings)
     head = table.T if emb.tie_weights else np_(emb.reverse_embeddings)
@@ -48,6 +51,7 @@ def numpy_mtp_losses(block, hidden, x, m, s):
     eps = block.layer_norm_epsilon
     length = x.shape[1]
     h = hidden
+    main_logits = hidden @ head  # z^0, (B, T, V)
     losses = []
     for k, layer in enumerate(block.mtp_layers, start=1):
         ahead = np.array(
@@ -70,11 +74,23 @@ def numpy_mtp_losses(block, hidden, x, m, s):
         log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))
         targets, weights = numpy_targets_and_weights(x, m, s, k)
         ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+        if block.mtp_targets == "main":
+            teacher = np.zeros_like(main_logits)
+            teacher[:, : length - k] = main_logits[:, k:]  # z^0_{i+k}
+            p = np.exp(teacher - teacher.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            ce = -(p * log_probs).sum(-1)
+        if outputs is not None:
+            top = logits.argmax(-1)
+            outputs.setdefault("predictions", []).append(top)
+            outputs.setdefault("accuracies", []).append(
+                ((top == targets) * weights).sum() / max(weights.sum(), 1.0)
+            )
         losses.append((ce * weights).sum() / max(weights.sum(), 1.0))
     return np.array(losses)
 
 
-def make_block(backbone, num_layers, seed=1):
+def make_block(backbone, num_layers, seed=1, **kwargs):
     block = keras_mtp.MTPBlock(
         token_embedding=backbone.token_embedding,
         transformer_block=backbone.transformer_layers[-1],
@@ -83,6 +99,7 @@ def make_block(backbone, num_layers, seed=1):
         loss_scaling_factor=0.3,
         embedding_scale=backbones.embedding_scale(backbone),
         layer_norm_epsilon=backbones.layer_norm_epsilon(backbone),
+        **kwargs,
     )
     block.build((None, None, backbone.hidden_dim))
     # Distinct norm scales, so swapping the concat order changes the result.
@@ -135,6 +152,35 @@ def test_block_losses_match_numpy(name, tie, use_segments):
     )
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_distilled_block_matches_numpy(chunk):
+    # mtp_targets="main": depth k's soft CE against softmax(z^0_{i+k}) on
+    # packed rows with padding, dense and chunked; accuracies still count
+    # the data's token; the top-1 ids and weights feed the acceptance.
+    backbone = make_backbone("llama")
+    block = make_block(
+        backbone, num_layers=2, mtp_targets="main", loss_chunk_size=chunk
+    )
+    x, m, s = packed_inputs()
+    hidden = np_(backbone({"token_ids": x, "padding_mask": m}))
+    outputs = {k: np_(v) for k, v in block(hidden, x, m, s).items()}
+    expected = {}
+    losses = numpy_mtp_losses(block, hidden, x, m, s, expected)
+    np.testing.assert_allclose(outputs["losses"], losses, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs["accuracies"], expected["accuracies"], atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        outputs["predictions"], expected["predictions"]
+    )
+    weights = [numpy_targets_and_weights(x, m, s, k)[1] for k in (1, 2)]
+    np.testing.assert_array_equal(outputs["weights"], weights)
+    assert outputs["predictions"].dtype == np.int32
+    config = block.get_config()
+    assert config["mtp_targets"] == "main"
+    assert keras_mtp.MTPBlock.from_config(config).mtp_targets == "main"
+
+
 def test_all_padding_batch_gives_zero_mtp_loss():
     backbone = make_backbone("llama")
     block = make_block(backbone, num_layers=2)
@@ -170,6 +216,8 @@ def test_block_bad_arguments():
         keras_mtp.MTPBlock(loss_scaling_factor=-0.5, **kwargs)
     with pytest.raises(ValueError, match="nan"):
         keras_mtp.MTPBlock(loss_scaling_factor=float("nan"), **kwargs)
+    with pytest.raises(ValueError, match="mtp_targets='logits'"):
+        keras_mtp.MTPBlock(mtp_targets="logits", **kwargs)
     with pytest.raises(ValueError, match="Dense"):
         keras_mtp.MTPBlock(
             token_embedding=keras.layers.Dense(4),

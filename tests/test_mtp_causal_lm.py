@@ -36,6 +36,7 @@ def test_fit_on_fresh_model_logs_every_metric():
     expected = {"loss", "main_loss", "mtp_loss", "sparse_categorical_accuracy"}
     expected |= {f"mtp_loss_{k}" for k in (1, 2)}
     expected |= {f"mtp_accuracy_{k}" for k in (1, 2)}
+    expected |= {f"mtp_acceptance_{k}" for k in (1, 2)}
     assert set(history.history) == expected
     for values in history.history.values():
         assert np.all(np.isfinite(values))
@@ -76,6 +77,44 @@ def test_evaluate_depth_losses_match_the_block(packed):
     )
 
 
+@pytest.mark.parametrize("chunk, targets", [(None, "labels"), (5, "main")])
+def test_evaluate_logs_acceptance_against_numpy(chunk, targets):
+    # mtp_acceptance_k: depth k's top-1 at i equal to the main head's top-1
+    # at i + k, over w^k (packed rows with padding); mtp_accuracy_k: against
+    # the data's x[i+k+1]. Dense and chunked, label and distilled targets.
+    from test_mtp_block import numpy_mtp_losses
+    from test_mtp_block import numpy_targets_and_weights
+
+    model = make_model(loss_chunk_size=chunk, mtp_targets=targets)
+    model.compile(optimizer="adam")
+    x, y, w = make_batch(pad_last=2)
+    ids, mask = x["token_ids"], x["padding_mask"]
+    segments = np.where(np.arange(12) < 5, 1, 2) * mask
+    x = {**x, "segment_ids": segments}
+    logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    hidden = np_(model.backbone({"token_ids": ids, "padding_mask": mask}))
+    expected = {}
+    losses = numpy_mtp_losses(
+        model.mtp_block, hidden, ids, mask, segments, expected
+    )
+    main = np_(model(x)).argmax(-1)  # the main head's top-1, (B, T)
+    for k in (1, 2):
+        weights = numpy_targets_and_weights(ids, mask, segments, k)[1]
+        drafts = expected["predictions"][k - 1]
+        hits = (drafts[:, :-k] == main[:, k:]) * weights[:, :-k]
+        acceptance = hits.sum() / max(weights.sum(), 1.0)
+        assert 0.0 < weights.sum() and weights[:, -k:].sum() == 0.0
+        np.testing.assert_allclose(
+            logs[f"mtp_acceptance_{k}"], acceptance, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            logs[f"mtp_accuracy_{k}"], expected["accuracies"][k - 1], atol=1e-6
+        )
+        np.testing.assert_allclose(
+            logs[f"mtp_loss_{k}"], losses[k - 1], atol=1e-5
+        )
+
+
 def test_mtp_never_runs_outside_fit_and_evaluate():
     model = make_model()
     assert model.losses == []  # nothing at build / init
@@ -95,9 +134,12 @@ def test_mtp_never_runs_outside_fit_and_evaluate():
         "logits",
         "mtp_accuracies",
         "mtp_losses",
+        "mtp_predictions",
         "mtp_tokens",
+        "mtp_weights",
     ]
     assert outputs["mtp_losses"].shape == (2,)
+    assert outputs["mtp_predictions"].shape == (2, 4, 12)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma"])
@@ -145,9 +187,17 @@ def test_zero_scale_trains_like_keras_hub_causal_lm():
         np.testing.assert_allclose(np_(ours), np_(theirs), atol=1e-5)
 
 
-@pytest.mark.parametrize("detach", [True, False])
-def test_detach_trunk_zeroes_trunk_gradients_of_mtp_loss(detach):
-    model = make_model(mtp_detach_trunk=detach, mtp_loss_scaling_factor=1.0)
+@pytest.mark.parametrize(
+    "detach, targets", [(True, "labels"), (False, "labels"), (True, "main")]
+)
+def test_detach_trunk_zeroes_trunk_gradients_of_mtp_loss(detach, targets):
+    # With "main" targets the teacher z^0 reads the trunk too: detached,
+    # no gradient may reach it that way either.
+    model = make_model(
+        mtp_detach_trunk=detach,
+        mtp_loss_scaling_factor=1.0,
+        mtp_targets=targets,
+    )
     x, _, _ = make_batch()
     grads = aux_loss_gradients(model, x)
     trunk = {v.path for v in model.backbone.trainable_variables}
@@ -283,11 +333,14 @@ def test_save_load_restores_scale_and_continues_identically(tmp_path):
 
 
 def test_get_config_round_trips():
-    model = make_model(mtp_loss_scaling_factor=0.2, mtp_detach_trunk=True)
+    model = make_model(
+        mtp_loss_scaling_factor=0.2, mtp_detach_trunk=True, mtp_targets="main"
+    )
     config = model.get_config()
     revived = keras_mtp.MTPCausalLM.from_config(config)
     assert revived.get_config() == config
     assert revived.mtp_detach_trunk and revived.mtp_num_layers == DEPTHS
+    assert revived.mtp_block.mtp_targets == "main"
     assert revived.mtp_loss_scaling_factor == pytest.approx(0.2)
     assert revived.count_params() == model.count_params()
 
@@ -312,6 +365,8 @@ def test_bad_arguments_name_the_value():
         keras_mtp.MTPCausalLM(backbone, mtp_num_layers=-1)
     with pytest.raises(ValueError, match="-0.1"):
         keras_mtp.MTPCausalLM(backbone, mtp_loss_scaling_factor=-0.1)
+    with pytest.raises(ValueError, match="mtp_targets='soft'"):
+        keras_mtp.MTPCausalLM(backbone, mtp_targets="soft")
     bert = keras_hub.models.BertBackbone(
         vocabulary_size=32,
         num_layers=1,
@@ -410,9 +465,15 @@ def test_fit_on_keras_hub_preprocessor_output():
     assert np.isfinite(history["mtp_loss_2"]).all()
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_chunked_mtp_loss_matches_dense(detach):
-    kwargs = dict(mtp_detach_trunk=detach, mtp_loss_scaling_factor=1.0)
+@pytest.mark.parametrize(
+    "detach, targets", [(False, "labels"), (True, "labels"), (False, "main")]
+)
+def test_chunked_mtp_loss_matches_dense(detach, targets):
+    kwargs = dict(
+        mtp_detach_trunk=detach,
+        mtp_loss_scaling_factor=1.0,
+        mtp_targets=targets,
+    )
     dense = make_model(**kwargs)
     chunked = make_model(loss_chunk_size=7, **kwargs)  # 48 = 6·7 + 6
     chunked.set_weights(dense.get_weights())
@@ -518,9 +579,11 @@ def test_epoch_metrics_add_up_with_a_ragged_last_batch(chunk):
     for key in ("loss", "main_loss", "mtp_loss", "mtp_loss_1", "mtp_loss_2"):
         expected = np.average([b[key] for b in per_batch], weights=rows)
         np.testing.assert_allclose(logs[key], expected, rtol=1e-5, err_msg=key)
-    for k in (1, 2):
-        key = f"mtp_accuracy_{k}"
-        expected = np.average(
-            [b[key] for b in per_batch], weights=tokens[:, k - 1]
-        )
-        np.testing.assert_allclose(logs[key], expected, rtol=1e-5, err_msg=key)
+    for key in ("mtp_accuracy", "mtp_acceptance"):
+        for k in (1, 2):
+            expected = np.average(
+                [b[f"{key}_{k}"] for b in per_batch], weights=tokens[:, k - 1]
+            )
+            np.testing.assert_allclose(
+                logs[f"{key}_{k}"], expected, rtol=1e-5, err_msg=key
+            )

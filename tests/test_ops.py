@@ -333,3 +333,144 @@ def test_chunked_accuracy_breaks_ties_like_argmax():
     expected = mtp_ops.masked_accuracy(hidden[0] @ row, targets[0], weights)
     np.testing.assert_allclose(np_(accuracy)[0], np_(expected), atol=1e-6)
     np.testing.assert_allclose(np_(accuracy)[0], 3 / 6, atol=1e-6)
+
+
+def numpy_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_top1_soft_cross_entropy_and_acceptance_match_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, 7)).astype("float32")
+    logits[0, 1, [2, 5]] = 9.0  # a tie: the first maximum wins, as argmax
+    teacher = rng.normal(size=(2, 5, 7)).astype("float32")
+    np.testing.assert_array_equal(
+        np_(mtp_ops.top1(logits)), np.argmax(logits, -1)
+    )
+    z, p = logits.astype("float64"), numpy_softmax(teacher.astype("float64"))
+    lse = np.log(np.exp(z).sum(-1))
+    np.testing.assert_allclose(
+        np_(mtp_ops.soft_cross_entropy(logits, teacher)),
+        lse - (p * z).sum(-1),
+        atol=1e-5,
+    )
+    # Acceptance: depth k's draft at i against the main top-1 at i + k.
+    main = rng.integers(0, 3, size=(2, 6))
+    drafts = rng.integers(0, 3, size=(2, 2, 6))  # (D, B, T)
+    weights = rng.integers(0, 2, size=(2, 2, 6)).astype("float32")
+    weights[:, :, -2:] = 0.0  # i + k + 1 >= T carries no weight
+    weights[1, :, :] = 0.0  # an empty depth gives 0, not NaN
+    expected = []
+    for k in (1, 2):
+        hits = total = 0.0
+        for b in range(2):
+            for i in range(6 - k):
+                hits += weights[k - 1, b, i] * (
+                    drafts[k - 1, b, i] == main[b, i + k]
+                )
+                total += weights[k - 1, b, i]
+        expected.append(hits / max(total, 1.0))
+    np.testing.assert_allclose(
+        np_(mtp_ops.masked_acceptance(drafts, main, weights)),
+        expected,
+        atol=1e-6,
+    )
+
+
+def value_and_grads(fn, *args):
+    """`(value, [gradient w.r.t. each argument])` on the active backend."""
+    if keras.config.backend() == "jax":
+        import jax
+
+        argnums = tuple(range(len(args)))
+        value, grads = jax.value_and_grad(fn, argnums=argnums)(*args)
+        return np.asarray(value), [np.asarray(g) for g in grads]
+    if keras.config.backend() == "torch":
+        import torch
+
+        args = [ops.convert_to_tensor(a).requires_grad_(True) for a in args]
+        value = fn(*args)
+        grads = torch.autograd.grad(value, args, allow_unused=True)
+        grads = [
+            np.zeros(a.shape) if g is None else np_(g)
+            for a, g in zip(args, grads)
+        ]
+        return np_(value.detach()), grads
+    import tensorflow as tf
+
+    args = [tf.constant(a) for a in args]
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        value = fn(*args)
+    grads = tape.gradient(value, args)
+    grads = [
+        np.zeros(a.shape) if g is None else g.numpy()
+        for a, g in zip(args, grads)
+    ]
+    return value.numpy(), grads
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_distilled_loss_and_gradients_match_numpy(chunk_size):
+    # 2 groups (depths) of 2 x 5 tokens, chunks of 4 (padded): soft CE of
+    # the student `h @ W` against softmax(teacher @ W); the teacher gets no
+    # gradient, and the kernel only the student's.
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(2, 2, 5, 6)).astype("float32")
+    teacher = rng.normal(size=(2, 2, 5, 6)).astype("float32")
+    kernel = rng.normal(size=(6, 11)).astype("float32")
+    targets = rng.integers(0, 11, size=(2, 2, 5))
+    weights = rng.integers(0, 2, size=(2, 2, 5)).astype("float32")
+    outputs = {}
+
+    def fn(h, k, t):
+        if chunk_size:
+            losses, accuracies, predictions = mtp_ops.chunked_cross_entropy(
+                h,
+                k,
+                targets,
+                weights,
+                chunk_size,
+                teacher_hidden_states=t,
+                return_predictions=True,
+            )
+        else:
+            losses, accuracies, predictions = [], [], []
+            for g in range(2):
+                z = ops.matmul(h[g], k)
+                ce = mtp_ops.soft_cross_entropy(z, ops.matmul(t[g], k))
+                losses.append(mtp_ops.weighted_mean(ce, weights[g]))
+                accuracies.append(
+                    mtp_ops.masked_accuracy(z, targets[g], weights[g])
+                )
+                predictions.append(mtp_ops.top1(z))
+            losses, accuracies = ops.stack(losses), ops.stack(accuracies)
+            predictions = ops.stack(predictions)
+        outputs.update(accuracies=accuracies, predictions=predictions)
+        return ops.sum(losses)
+
+    value, (grad_h, grad_k, grad_t) = value_and_grads(
+        fn, hidden, kernel, teacher
+    )
+    fn(hidden, kernel, teacher)  # eagerly, for the accuracies and ids
+    # NumPy, float64.
+    z = hidden.astype("float64") @ kernel
+    p = numpy_softmax(teacher.astype("float64") @ kernel)
+    lse = np.log(np.exp(z).sum(-1))
+    count = np.maximum(weights.sum((1, 2), keepdims=True), 1.0)
+    scale = weights / count  # (G, B, T)
+    expected = (scale * (lse - (p * z).sum(-1))).sum()
+    dz = (numpy_softmax(z) - p) * scale[..., None]
+    predictions = z.argmax(-1)
+    accuracies = (scale * (predictions == targets)).sum((1, 2))
+    np.testing.assert_allclose(value, expected, atol=1e-5)
+    np.testing.assert_allclose(grad_h, dz @ kernel.T, atol=1e-5)
+    np.testing.assert_allclose(
+        grad_k, np.einsum("gbtd,gbtv->dv", hidden, dz), atol=1e-5
+    )
+    np.testing.assert_array_equal(grad_t, 0.0)
+    np.testing.assert_allclose(
+        np_(outputs["accuracies"]), accuracies, atol=1e-6
+    )
+    np.testing.assert_array_equal(np_(outputs["predictions"]), predictions)

@@ -19,6 +19,7 @@ LAMBDA = 0.1  # not a bfloat16 number: bfloat16(0.1) = 0.10009765625
 METRICS = {"loss", "main_loss", "mtp_loss", "sparse_categorical_accuracy"}
 METRICS |= {f"mtp_loss_{k}" for k in range(1, DEPTHS + 1)}
 METRICS |= {f"mtp_accuracy_{k}" for k in range(1, DEPTHS + 1)}
+METRICS |= {f"mtp_acceptance_{k}" for k in range(1, DEPTHS + 1)}
 
 
 def np_(x):
@@ -128,6 +129,8 @@ def test_mixed_bfloat16_fit_keeps_weights_losses_and_metrics_float32(
     losses = outputs["losses"]
     assert dtype(losses) == "float32"
     assert [dtype(loss) for loss in model.mtp_block.losses] == ["float32"]
+    predictions = outputs.pop("predictions")  # top-1 ids
+    assert dtype(predictions) == "int32"
     assert {dtype(v) for v in outputs.values()} == {"float32"}
     # The per-depth losses keep float32 precision: rounded to bfloat16 they
     # would change.
@@ -156,6 +159,7 @@ def test_mixed_bfloat16_fit_keeps_weights_losses_and_metrics_float32(
         model.mtp_loss_tracker,
         *model.mtp_depth_loss_trackers,
         *model.mtp_depth_accuracy_trackers,
+        *model.mtp_depth_acceptance_trackers,
     ]
     if loss_chunk_size:
         trackers.append(model.main_accuracy_tracker)
@@ -201,7 +205,7 @@ def test_mixed_bfloat16_chunked_training_matches_dense(mixed_bfloat16):
     dense_history = {k: [*v, dense_logs[k]] for k, v in dense_history.items()}
     history = {k: [*v, logs[k]] for k, v in history.items()}
     for key in dense_history:
-        if "accuracy" in key:
+        if "accuracy" in key or "acceptance" in key:
             np.testing.assert_allclose(
                 history[key], dense_history[key], atol=1 / 34, err_msg=key
             )

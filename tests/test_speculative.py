@@ -297,6 +297,114 @@ def test_bad_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="`max_length`=3"):
         model.generate(prompt, max_length=3)
     with pytest.raises(ValueError, match="max_sequence_length = 32"):
-        model.generate(prompt, max_length=31)  # 31 + D positions > 32
+        model.generate(prompt, max_length=33)  # plain decoding cannot either
     with pytest.raises(ValueError, match="float32"):
         model.generate(np.ones((1, 4), "float32"), max_length=8)
+
+
+def copy_heads(model):
+    """Makes every block of `model` (trunk and MTP) the identity (zero
+    attention and feed-forward outputs) and depth k's projection pick the
+    normalized token embedding: the main model predicts from the last
+    token alone, and depth k at position i predicts from `x_{i+k}` the same
+    token (up to rounding), i.e. exactly the main model's next token. Every
+    draft built from the right tokens is then accepted."""
+    for variable in model.weights:
+        if variable.path.endswith(
+            ("attention_output/kernel", "feedforward_output_dense/kernel")
+        ):
+            variable.assign(np.zeros(variable.shape))
+        if variable.path.endswith("projection/kernel"):  # (2d, d)
+            width = variable.shape[1]
+            variable.assign(np.eye(2 * width, width))
+    return model
+
+
+def test_drafts_read_the_earlier_drafts_from_any_prompt_length():
+    # Copy heads accept every draft built from the right tokens. Two
+    # defects of the prefill drafted from the wrong ones: depth >= 2 read
+    # the padding after the prompt instead of depth 1's draft, and a
+    # one-token prompt read one position too far.
+    model = copy_heads(
+        keras_mtp.MTPCausalLM(make_backbone("llama"), mtp_num_layers=D)
+    )
+    rng = np.random.default_rng(7)
+    for lengths in ([1], [3, 5]):
+        mask = np.arange(LENGTH)[None] < np.array(lengths)[:, None]
+        tokens = rng.integers(1, VOCAB, (len(lengths), LENGTH))
+        inputs = {
+            "token_ids": np.where(mask, tokens, 0).astype("int32"),
+            "padding_mask": mask.astype("int32"),
+        }
+        ours, stats = model.generate(inputs, return_stats=True)
+        assert_same_outputs(ours, greedy(model.backbone, inputs))
+        assert stats["acceptance"] == [1.0] * D, stats
+        assert min(stats["reached"]) > 0, stats
+        # The prefill gives the first token, then D + 1 per forward pass.
+        left = LENGTH - min(lengths) - 1
+        assert stats["forward_passes"] == 1 + -(-left // (D + 1)), stats
+
+
+@pytest.mark.slow
+def test_stats_stop_at_each_rows_stop_token():
+    model = copy_heads(
+        keras_mtp.MTPCausalLM(make_backbone("llama"), mtp_num_layers=D)
+    )
+    rng = np.random.default_rng(8)
+    prompt = rng.integers(1, VOCAB, (1, 4)).astype("int32")
+    tokens = model.generate(prompt, max_length=LENGTH)["token_ids"][0]
+    generated = tokens[4:]
+    # A stop token first generated third: one prefill token, then one
+    # forward pass accepting both drafts (the stop token the second).
+    third = next(
+        i for i in range(2, len(generated)) if generated[i] not in generated[:i]
+    )
+    stop = int(generated[third])
+    ours, stats = model.generate(
+        prompt, max_length=LENGTH, stop_token_ids=(stop,), return_stats=True
+    )
+    assert ours["padding_mask"][0].sum() == 4 + third + 1
+    assert stats["new_tokens"] == third + 1
+    # Positions past the stop token are not counted, nor drafts past it.
+    forwards = 1 + -(-third // (D + 1))
+    assert stats["forward_passes"] == forwards, stats
+    assert stats["tokens_per_forward"] == (third + 1) / forwards, stats
+    drafts_checked = third  # every generated token after the first
+    assert sum(stats["reached"]) == drafts_checked, stats
+    assert stats["acceptance"] == [1.0] * D, stats
+    # In a batch, each row counts its own positions and the forward passes
+    # while it generated: here row 0 stops at once, row 1 never.
+    candidates = rng.integers(1, VOCAB, (4, 4)).astype("int32")
+    plain = model.generate(candidates, max_length=LENGTH)["token_ids"][:, 4:]
+    i, j = next(
+        (i, j)
+        for i in range(4)
+        for j in range(4)
+        if plain[i, 0] not in plain[j]
+    )
+    batch, stop = candidates[[i, j]], int(plain[i, 0])
+    both, stats = model.generate(
+        batch, max_length=LENGTH, stop_token_ids=(stop,), return_stats=True
+    )
+    np.testing.assert_array_equal(both["padding_mask"].sum(axis=1), [5, LENGTH])
+    assert stats["tokens_per_forward"] == (1 + LENGTH - 4) / (
+        1 + stats["forward_passes"]
+    ), stats
+
+
+def test_learned_positions_decode_up_to_max_sequence_length():
+    # GPT-2 (learned positions, max_sequence_length 32): windows near the
+    # end start earlier instead of reaching past position 31.
+    model = keras_mtp.MTPCausalLM(make_backbone("gpt2"), mtp_num_layers=D)
+    limit = model.backbone.max_sequence_length
+    rng = np.random.default_rng(9)
+    lengths = np.array([3, 6])
+    mask = np.arange(limit)[None] < lengths[:, None]
+    tokens = rng.integers(1, VOCAB, (2, limit))
+    inputs = {
+        "token_ids": np.where(mask, tokens, 0).astype("int32"),
+        "padding_mask": mask.astype("int32"),
+    }
+    ours, stats = model.generate(inputs, return_stats=True)
+    assert_same_outputs(ours, greedy(model.backbone, inputs))
+    assert ours["padding_mask"].all()
