@@ -1,10 +1,13 @@
 """Layout maps that place the weights of an `MTPCausalLM` on a device mesh.
 
 `get_layout_map` returns a `keras.distribution.LayoutMap` for
-`keras.distribution.ModelParallel` (JAX backend): keras-hub's own map for the
-backbone where the backbone class has one, our rules where it has none, and
-rules for what keras-hub leaves replicated (the untied output head, MoE
-experts) and for the MTP depths.
+`keras.distribution.ModelParallel` (JAX backend) from a backbone class and
+the MTP settings alone, as keras-hub's static
+`Backbone.get_layout_map(device_mesh)` does: no model is built, so the model
+is then created inside `distribution.scope()` and each weight is born with
+its layout. `check_layout_map` checks a map against the model built in
+scope, and `stage_on_host` keeps the weights read from files off single
+accelerators.
 
 Layouts follow keras-hub's Llama map (2D sharding: the model axis for tensor
 parallelism, the batch axis for FSDP-style weight sharding):
@@ -24,12 +27,13 @@ MTP projection W_k              (2d, d)     (batch, model)
 Norm scales, biases, MoE routers and the MTP loss weights stay replicated.
 """
 
+import contextlib
 import re
 
 import keras
+import keras_hub
 
 from keras_mtp import backbones
-from keras_mtp.mtp_causal_lm import MTPCausalLM
 
 # The mesh-axis placeholders of the rules in `keras_mtp.backbones.FAMILIES`.
 _MODEL = backbones.MODEL
@@ -43,42 +47,55 @@ _MTP_RULES = ((r".*mtp_layer_\d+/projection/kernel", (_DATA, _MODEL)),)
 
 
 def get_layout_map(
-    model,
     device_mesh,
+    backbone,
+    mtp_num_layers=1,
     model_parallel_dim_name="model",
     data_parallel_dim_name="batch",
 ):
-    """A `keras.distribution.LayoutMap` for an `MTPCausalLM`.
+    """A `keras.distribution.LayoutMap` for an `MTPCausalLM`, from its config.
 
     The map shards the backbone, its output head and every MTP depth (the
     projection `W_k` and the transformer block) over `device_mesh`, for
-    `keras.distribution.ModelParallel` on the JAX backend:
+    `keras.distribution.ModelParallel` on the JAX backend. It is built from
+    the backbone's family and the MTP settings alone, as keras-hub's
+    `Backbone.get_layout_map(device_mesh, ...)` is: no model is built, so
+    build the model afterwards inside `distribution.scope()` and each weight
+    is created with its layout (never as a full copy on one device first).
 
-    - the backbone: keras-hub's own `backbone.get_layout_map(...)` where the
-      backbone class has one (Llama, Gemma, Qwen, Qwen-MoE, Qwen3-MoE),
-      completed or replaced by the same layouts written for each family's
-      weight names (`Family.layout` in `keras_mtp.backbones.FAMILIES`).
-      GPT-2's vocabulary (50257) divides no mesh axis, so its token and
-      position embeddings (and OPT's) shard the hidden dimension on the
-      model axis.
-    - what keras-hub leaves replicated: the untied output head
-      (`token_embedding/reverse_embeddings`, vocabulary on the model axis) and
-      the MoE experts (expert dimension on the model axis).
+    - the backbone: the layouts of keras-hub's own maps (Llama, Gemma, Qwen,
+      Qwen-MoE, Qwen3-MoE), written once per family as regular expressions
+      over the weight paths (`Family.layout` in `keras_mtp.backbones`), so
+      they also cover the families keras-hub has no map for. GPT-2's
+      vocabulary (50257) divides no mesh axis, so its token and position
+      embeddings (and OPT's) shard the hidden dimension on the model axis.
+    - what keras-hub's maps leave replicated: the untied output head
+      (`token_embedding/reverse_embeddings`, vocabulary on the model axis)
+      and the MoE experts (expert dimension on the model axis). MoE routers
+      stay replicated (keras-hub's Qwen-MoE maps shard them by accident of
+      a regex; the MTP blocks' and the backbone's routers now agree).
     - each MTP depth: `projection/kernel` `(2d, d)` as `(batch, model)` and
-      its transformer block with the layouts of the backbone's decoder layers.
+      its transformer block with the layouts of the backbone's decoder
+      layers.
 
-    Norm scales, biases, MoE routers and the MTP loss weights are replicated.
-    The keys are regular expressions over `variable.path`; no variable path
-    matches two keys (keras raises on that), and the MTP keys start with `.*`,
-    so the map holds for a new model of the same configuration, whatever
-    prefix or counter its MTP weights get. Build that model inside
-    `distribution.scope()`: a variable takes its layout when it is created.
+    Norm scales, biases, MoE routers and the MTP loss weights match no key:
+    Keras replicates them. No variable path matches two keys, and the MTP
+    keys start with `.*`, so the map holds whatever prefix or counter the MTP
+    weights get. A mesh axis must divide each dimension it shards (head
+    counts, widths, vocabulary): JAX refuses to create such a weight
+    otherwise (`IndivisibleError`, naming its shape and layout but not its
+    path). `check_layout_map(model, layout_map)` checks a built model, naming
+    the weight.
 
     Args:
-        model: `keras_mtp.MTPCausalLM`. The model to shard, or one of the
-            same configuration; its variable shapes are checked against the
-            mesh.
         device_mesh: `keras.distribution.DeviceMesh`. The mesh to shard on.
+        backbone: the keras-hub backbone class (e.g.
+            `keras_hub.models.LlamaBackbone`, or a subclass), its family name
+            in `keras_mtp.backbones.FAMILY_NAMES` (e.g. `"llama"`), or its
+            serialized config (`keras.saving.serialize_keras_object(backbone)`
+            or a preset's `config.json`).
+        mtp_num_layers: int. The number of MTP depths D; 0 maps the backbone
+            alone.
         model_parallel_dim_name: str. The mesh axis that shards the weights
             (tensor, vocabulary and expert parallelism).
         data_parallel_dim_name: str. The mesh axis that shards the batch;
@@ -89,10 +106,10 @@ def get_layout_map(
         `keras.distribution.LayoutMap` on `device_mesh`.
 
     Raises:
-        ValueError: if `model` is not an `MTPCausalLM`, `device_mesh` is not
-            a `DeviceMesh`, an axis name is not one of the mesh's, the two
-            names are equal, or a sharded dimension of a weight is not
-            divisible by the size of its mesh axis (JAX would refuse it).
+        ValueError: if `device_mesh` is not a `DeviceMesh`, `backbone` is no
+            supported backbone class, family or config, `mtp_num_layers` is
+            not a non-negative integer, an axis name is not one of the
+            mesh's, or the two names are equal.
 
     Example:
 
@@ -105,6 +122,7 @@ def get_layout_map(
     import keras_hub
     import numpy as np
     import keras_mtp
+    from keras_mtp.distribution import check_layout_map
     from keras_mtp.distribution import get_layout_map
 
     mesh = keras.distribution.DeviceMesh(
@@ -112,16 +130,16 @@ def get_layout_map(
         axis_names=("batch", "model"),
         devices=keras.distribution.list_devices(),
     )
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=256, num_layers=2, num_query_heads=8,
-        num_key_value_heads=4, hidden_dim=64, intermediate_dim=128)
-    model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1)
-    layout_map = get_layout_map(model, mesh)
-
+    layout_map = get_layout_map(
+        mesh, keras_hub.models.LlamaBackbone, mtp_num_layers=1)
     distribution = keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name="batch")
     with distribution.scope():
-        model = keras_mtp.MTPCausalLM.from_config(model.get_config())
+        backbone = keras_hub.models.LlamaBackbone(
+            vocabulary_size=256, num_layers=2, num_query_heads=8,
+            num_key_value_heads=4, hidden_dim=64, intermediate_dim=128)
+        model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1)
+        check_layout_map(model, layout_map)
         model.compile(optimizer="adam")
         x = {"token_ids": np.ones((8, 16), "int32"),
              "padding_mask": np.ones((8, 16), "int32")}
@@ -132,15 +150,21 @@ def get_layout_map(
     # mtp_block/mtp_layer_1/projection/kernel P('batch', 'model')
     ```
     """
-    if not isinstance(model, MTPCausalLM):
-        raise ValueError(
-            "`model` must be a `keras_mtp.MTPCausalLM`. Received: model of "
-            f"type {type(model).__name__}"
-        )
     if not isinstance(device_mesh, keras.distribution.DeviceMesh):
         raise ValueError(
-            "`device_mesh` must be a `keras.distribution.DeviceMesh`. "
-            f"Received: device_mesh of type {type(device_mesh).__name__}"
+            "`device_mesh` must be a `keras.distribution.DeviceMesh` (the "
+            "first argument; no model is needed). Received: device_mesh of "
+            f"type {type(device_mesh).__name__}"
+        )
+    family = _family(backbone)
+    if (
+        not isinstance(mtp_num_layers, int)
+        or isinstance(mtp_num_layers, bool)
+        or mtp_num_layers < 0
+    ):
+        raise ValueError(
+            "`mtp_num_layers` must be a non-negative integer. Received: "
+            f"mtp_num_layers={mtp_num_layers!r}"
         )
     axis_names = list(device_mesh.axis_names)
     for arg, value in (
@@ -163,86 +187,154 @@ def get_layout_map(
         names = {_MODEL: model_parallel_dim_name, _DATA: data_parallel_dim_name}
         return tuple(names.get(axis, axis) for axis in layout)
 
-    backbone = model.backbone
-    rules = _family(backbone).layout
-    prefix, decoder_rules = rules.decoder_prefix, rules.decoder_rules
-    paths = [v.path for v in model.weights]
-
+    rules = family.layout
     # === Backbone ===
-    if hasattr(backbone, "get_layout_map"):
-        layout_map = backbone.get_layout_map(
-            device_mesh,
-            model_parallel_dim_name=model_parallel_dim_name,
-            data_parallel_dim_name=data_parallel_dim_name,
-        )
-    else:
-        layout_map = keras.distribution.LayoutMap(device_mesh)
-    embedding_rules = rules.embedding_rules + rules.extra_rules
-    # Our rules only fill what keras-hub's map leaves out.
-    for key, layout in embedding_rules:
-        _add_if_uncovered(layout_map, key, resolve(layout), paths)
-    for key, layout in decoder_rules:
-        _add_if_uncovered(layout_map, prefix + key, resolve(layout), paths)
-
+    keys = list(rules.embedding_rules + rules.extra_rules)
+    keys += [(rules.decoder_prefix + k, v) for k, v in rules.decoder_rules]
     # === MTP depths ===
-    for key, layout in decoder_rules:
-        _add_if_uncovered(
-            layout_map, _MTP_BLOCK_PREFIX + key, resolve(layout), paths
-        )
-    for key, layout in _MTP_RULES:
-        _add_if_uncovered(layout_map, key, resolve(layout), paths)
+    if mtp_num_layers:
+        keys += [(_MTP_BLOCK_PREFIX + k, v) for k, v in rules.decoder_rules]
+        keys += list(_MTP_RULES)
 
-    _check_divisible(model, layout_map, device_mesh)
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    for key, layout in keys:
+        layout_map[key] = resolve(layout)
     return layout_map
 
 
-def _family(backbone):
-    """The backbone's `keras_mtp.backbones.Family` (its layout rules)."""
-    try:
-        return backbones.family(backbone)
-    except ValueError:
-        raise ValueError(
-            "No layout rules for backbones of class "
-            f"{type(backbone).__name__}. Supported: "
-            f"{sorted(f.backbone for f in backbones.FAMILIES)}"
-        ) from None
+def check_layout_map(model, layout_map, min_sharded_size=None):
+    """Checks `layout_map` against `model`; raises naming the weight if not.
 
+    Run it on the model built inside the distribution's scope (or on any
+    model of the same configuration): it reads each weight's path and shape.
 
-def _add_if_uncovered(layout_map, key, layout, paths):
-    """Adds `key` if it matches a variable and none it matches has a layout.
+    Args:
+        model: `keras.Model`. The model the map places (its `weights`).
+        layout_map: `keras.distribution.LayoutMap`. The map to check.
+        min_sharded_size: int or None. If given, a weight of rank 2 or more
+            with at least this many elements must match a key: Keras would
+            replicate it on every device.
 
-    Keys that match nothing are left out; so are keys for variables that the
-    backbone's own map (keras-hub's) already places, so its layouts win and
-    no path ends up matching two keys.
+    Raises:
+        ValueError: naming the first weight whose path matches two or more
+            keys (Keras refuses it), whose layout does not fit its rank,
+            whose sharded dimension a mesh axis does not divide (JAX refuses
+            it), or that is at least `min_sharded_size` and matches no key.
     """
-    matched = [path for path in paths if re.fullmatch(key, path)]
-    if not matched:
-        return
-    if any(layout_map.get(path) is not None for path in matched):
-        return
-    layout_map[key] = layout
-
-
-def _check_divisible(model, layout_map, device_mesh):
-    """Raises a `ValueError` naming the first weight JAX could not shard."""
-    sizes = dict(zip(device_mesh.axis_names, device_mesh.shape))
+    if not isinstance(layout_map, keras.distribution.LayoutMap):
+        raise ValueError(
+            "`layout_map` must be a `keras.distribution.LayoutMap`. "
+            f"Received: layout_map of type {type(layout_map).__name__}"
+        )
+    mesh = layout_map.device_mesh
+    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    keys = list(layout_map)
     for variable in model.weights:
-        layout = layout_map[variable.path]  # keras' lookup; raises if ambiguous
-        if layout is None:
+        path, shape = variable.path, tuple(variable.shape)
+        # Keras looks up an exact key, then `re.fullmatch` of every key.
+        matched = [k for k in keys if k == path or re.fullmatch(k, path)]
+        if len(matched) > 1:
+            raise ValueError(
+                f"The weight `{path}` matches {len(matched)} keys of the "
+                f"layout map: {matched}. Each weight may match one key."
+            )
+        if not matched:
+            if (
+                min_sharded_size is not None
+                and len(shape) >= 2
+                and _size(shape) >= min_sharded_size
+            ):
+                raise ValueError(
+                    f"The weight `{path}` of shape {shape} matches no key "
+                    "of the layout map, so every device would hold all of "
+                    f"it. Keys: {keys}"
+                )
             continue
-        shape = tuple(variable.shape)
-        axes = tuple(layout.axes)
+        axes = tuple(layout_map[path].axes)
         if len(axes) != len(shape):
             raise ValueError(
-                f"The layout {axes} of `{variable.path}` does not fit its "
-                f"shape {shape}."
+                f"The layout {axes} of `{path}` (key {matched[0]!r}) does "
+                f"not fit its shape {shape}."
             )
         for dim, (length, axis) in enumerate(zip(shape, axes)):
             if axis is not None and length % sizes[axis]:
                 raise ValueError(
-                    f"Cannot shard `{variable.path}` of shape {shape} with "
-                    f"layout {axes} on the mesh {sizes}: dimension {dim} "
+                    f"Cannot shard `{path}` of shape {shape} with layout "
+                    f"{axes} on the mesh {sizes}: dimension {dim} "
                     f"({length}) is not divisible by the '{axis}' axis "
                     f"({sizes[axis]}). Use a mesh whose axes divide the "
                     "model's head counts, widths and vocabulary."
                 )
+
+
+def _size(shape):
+    size = 1
+    for length in shape:
+        size *= length
+    return size
+
+
+def _family(backbone):
+    """The `keras_mtp.backbones.Family` of a backbone class, name or config."""
+    if isinstance(backbone, str):
+        return backbones.family(backbone)
+    cls = backbone
+    if isinstance(backbone, dict):
+        try:
+            cls = keras.saving.get_registered_object(
+                backbone.get("registered_name")
+            ) or getattr(keras_hub.models, backbone.get("class_name"), None)
+        except (TypeError, AttributeError):
+            cls = None
+    if isinstance(cls, type):
+        matches = [
+            f
+            for f in backbones.FAMILIES
+            if getattr(keras_hub.models, f.backbone, None) is not None
+            and issubclass(cls, f.backbone_class)
+        ]
+        if matches:  # the most derived match first
+            return min(matches, key=lambda f: -len(f.backbone_class.__mro__))
+    raise ValueError(
+        "`backbone` must be a keras-hub backbone class, a family name or a "
+        "serialized backbone config of the families "
+        f"{sorted(f.backbone for f in backbones.FAMILIES)}. Received: "
+        f"backbone={backbone!r}"
+    )
+
+
+@contextlib.contextmanager
+def stage_on_host():
+    """Weights read from files pass whole through host memory, not a device.
+
+    Keras' `Variable.assign` (which `load_weights`, `load_model` and
+    keras-hub's `from_preset` use) makes a value read from a file an array on
+    the default device before splitting it into the variable's shards, so
+    each weight passes whole through one accelerator. Inside this context,
+    on JAX under a distribution whose mesh does not hold the host's CPU
+    (accelerators), that array is made in host memory and each accelerator
+    receives only its shard. Otherwise (CPU devices, no distribution,
+    another backend) it does nothing. `MTPCausalLM.from_preset` loads inside
+    it.
+
+    Example:
+
+    ```python
+    with distribution.scope(), keras_mtp.distribution.stage_on_host():
+        model = keras.saving.load_model("model.keras")
+    ```
+    """
+    distribution = keras.distribution.distribution()
+    if keras.config.backend() != "jax" or distribution is None:
+        yield
+        return
+    import jax
+
+    host = jax.local_devices(backend="cpu")[0]
+    if host in distribution.device_mesh.backend_mesh.devices.flat:
+        yield
+        return
+    # Arrays made under `default_device` are uncommitted: a value that is
+    # not a variable's may still move to the accelerators later.
+    with jax.default_device(host):
+        yield

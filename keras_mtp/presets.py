@@ -22,6 +22,7 @@ import os
 import keras
 import numpy as np
 
+from keras_mtp import distribution
 from keras_mtp import hf_mtp
 
 MTP_CONFIG_FILE = "mtp.json"
@@ -32,6 +33,7 @@ _SETTINGS = (
     "mtp_loss_scaling_factor",
     "mtp_detach_trunk",
     "loss_chunk_size",
+    "mtp_targets",
 )
 
 
@@ -59,6 +61,14 @@ def _load_preprocessor(preset):
 
 def from_preset(cls, preset, load_weights=True, **kwargs):
     """`MTPCausalLM.from_preset`; see its docstring."""
+    # Under a distribution each weight is created with its layout; the
+    # values read from the files are staged in host memory, so no
+    # accelerator holds a whole weight first.
+    with distribution.stage_on_host():
+        return _from_preset(cls, preset, load_weights, **kwargs)
+
+
+def _from_preset(cls, preset, load_weights, **kwargs):
     import keras_hub
 
     saved = {}

@@ -253,7 +253,9 @@ def test_from_preset_under_a_distribution_creates_sharded_weights(tmp_path):
     devices = keras.distribution.list_devices()[:8]
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
     reference = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
-    layout_map = keras_mtp.distribution.get_layout_map(reference, mesh)
+    layout_map = keras_mtp.distribution.get_layout_map(
+        mesh, keras_hub.models.LlamaBackbone, mtp_num_layers=1
+    )
     distribution = keras.distribution.ModelParallel(layout_map=layout_map)
     with distribution.scope():
         model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
