@@ -10,13 +10,18 @@ is split by file into training and validation files, tokenized once into a
 token file under `<output_dir>/../.token_cache` and read by position, so an
 interrupted run resumes on exactly the batches it would have seen. A keras-hub
 backbone built from the config is wrapped in `keras_mtp.MTPCausalLM` and
-trained with `model.fit`. `output_dir` receives `config.json`, `metrics.csv`,
-TensorBoard logs, `best.keras` (lowest val_loss), `last.keras` (every
-evaluation) and `losses.png`. Rerunning the same command continues from
-`last.keras`: model, optimizer, λ, step and data position.
+trained with `model.fit` for exactly `steps` steps. `output_dir` receives
+`config.json`, `metrics.csv` (one row per evaluation, with tokens/s and MFU),
+`train_losses.csv` (every `log_interval` steps), TensorBoard logs,
+`checkpoints/` (Orbax, asynchronous and sharded: every process writes its
+shards, the last two evaluations are kept), `best.keras` (lowest val_loss)
+and `model.keras` (the final model) where every weight is addressable from
+one process, and `losses.png`. Rerunning the same command continues from the
+newest complete checkpoint: model, optimizer, λ, step and data position.
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -35,6 +40,7 @@ import numpy as np  # noqa: E402
 import keras_mtp  # noqa: E402
 from keras_mtp import backbones  # noqa: E402
 from keras_mtp import data  # noqa: E402
+from keras_mtp import flops  # noqa: E402
 
 # Every supported keras-hub family (keras_mtp.backbones.FAMILIES).
 BACKBONES = backbones.FAMILY_NAMES
@@ -90,7 +96,10 @@ class Config:
     sequence_length: int = knob(128, "Tokens per example.")
     batch_size: int = knob(16, "Examples per step (global, all devices).")
     packing: bool = knob(
-        False, "Add segment_ids so no loss crosses a document boundary."
+        False,
+        "Add segment_ids so no loss crosses a document boundary. Attention "
+        "still does: keras-hub backbones take no segment mask, so a token "
+        "sees the earlier documents of its row.",
     )
     # optimization
     steps: int = knob(1200, "Training steps.")
@@ -101,6 +110,9 @@ class Config:
     )
     eval_interval: int = knob(300, "Steps between evaluations/checkpoints.")
     eval_steps: int = knob(10, "Validation batches per evaluation.")
+    log_interval: int = knob(
+        20, "Steps per row of train_losses.csv (the curves of losses.png)."
+    )
     seed: int = knob(0, "Seed of the weights, the split and the data order.")
     output_dir: str = knob("runs/default", "Where everything is written.")
     # distribution (JAX)
@@ -134,6 +146,10 @@ def _field_type(field):
     return kind
 
 
+def _field_default(name):
+    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
+
+
 def _parse_bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -143,7 +159,9 @@ def _parse_bool(text):
 
 
 def load_config_file(path):
-    """The fields set in a JSON or YAML file, checked against `Config`."""
+    """The fields set in a JSON or YAML file, by name (checked against
+    `Config`'s names here, against its types and choices by
+    `parse_config`)."""
     with open(path) as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -178,10 +196,28 @@ def parse_config(argv=None):
             "--" + field.name.replace("_", "-"),
             dest=field.name,
             type=_parse_bool if kind is bool else kind,
-            default=from_file.get(field.name, field.default),
+            default=field.default,
             choices=field.metadata.get("choices"),
             help=field.metadata["help"],
         )
+    # A file value passes exactly its flag's checks: it is parsed as the
+    # text `--field=value` would be (`steps: 20.5` and `mtp_schedule:
+    # DeepSeek` fail as the flags do). `null` keeps an optional default.
+    defaults = {}
+    parser.exit_on_error = False  # raise ArgumentError: the file is named
+    for name, value in from_file.items():
+        if value is None and _field_default(name) is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        try:
+            defaults[name] = getattr(
+                parser.parse_args([f"{flag}={text}"]), name
+            )
+        except argparse.ArgumentError as e:
+            parser.error(f"{e} (from {name}: {value!r} in {known.config})")
+    parser.exit_on_error = True
+    parser.set_defaults(**defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")
     return Config(**args)
@@ -260,8 +296,13 @@ def initialize_processes(config):
     )
 
 
-def make_distribution(config, model_factory):
-    """The `keras.distribution` of `config`, or None for one device."""
+def make_distribution(config):
+    """The `keras.distribution` of `config`, or None for one device.
+
+    The layout map comes from the backbone family and the MTP settings
+    alone (no model is built here): build the model inside
+    `distribution.scope()` and each weight is created sharded.
+    """
     if config.distribution == "none":
         return None
     if keras.config.backend() != "jax":
@@ -269,15 +310,18 @@ def make_distribution(config, model_factory):
             f"--distribution={config.distribution} needs the JAX backend. "
             f"Received: KERAS_BACKEND={keras.config.backend()}"
         )
+    import jax
+
     devices = keras.distribution.list_devices()
-    if config.batch_size % len(devices):
-        raise ValueError(
-            f"batch_size={config.batch_size} must divide over the "
-            f"{len(devices)} devices"
-        )
     # Each process feeds its own rows of every global batch (data.py shards
     # deterministically), so Keras must not shard the dataset again.
     if config.distribution == "data":
+        if config.batch_size % len(devices):
+            raise ValueError(
+                f"--distribution=data splits the batch over all "
+                f"{len(devices)} devices: batch_size={config.batch_size} "
+                "must be a multiple of it."
+            )
         return keras.distribution.DataParallel(
             devices=devices, auto_shard_dataset=False
         )
@@ -291,12 +335,23 @@ def make_distribution(config, model_factory):
             f"BATCH·MODEL = {len(devices)} devices. Received: "
             f"mesh={config.mesh!r}"
         )
+    # The batch splits over the batch axis only (the model axis holds
+    # copies of each row), and each process holds whole batch shards.
+    batch_axis, processes = shape[0], jax.process_count()
+    if config.batch_size % batch_axis or batch_axis % processes:
+        raise ValueError(
+            f"--distribution=model splits the batch over the batch axis of "
+            f"--mesh={config.mesh} ({batch_axis}), which {processes} "
+            f"process(es) share: batch_size={config.batch_size} must be a "
+            "multiple of the batch axis, and the batch axis of the process "
+            "count."
+        )
     mesh = keras.distribution.DeviceMesh(
         shape, axis_names=("batch", "model"), devices=devices
     )
-    # The layout map is read off a model's variable paths: build a throwaway
-    # copy first (cheap next to training; the real one is built in scope).
-    layout_map = keras_mtp.distribution.get_layout_map(model_factory(), mesh)
+    layout_map = keras_mtp.distribution.get_layout_map(
+        mesh, config.backbone, mtp_num_layers=config.mtp_num_layers
+    )
     return keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
     )
@@ -305,21 +360,166 @@ def make_distribution(config, model_factory):
 # === Run directory ===========================================================
 
 
-class SaveLast(keras.callbacks.Callback):
-    """Saves `last.keras` after every evaluation, atomically.
+@dataclasses.dataclass
+class Run:
+    """Where this process writes, and which process it is."""
 
-    The step to resume from is the optimizer's `iterations`, saved inside the
-    same file, so a kill at any moment leaves a consistent checkpoint.
+    directory: str
+    process: int = 0
+    processes: int = 1
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+
+def checkpoint_directory(config):
+    """The run's Orbax checkpoints, one directory for all processes."""
+    return os.path.join(os.path.abspath(config.output_dir), "checkpoints")
+
+
+def complete_checkpoints(directory):
+    """The numbers (epochs) of the complete checkpoints, newest first.
+
+    Orbax writes a checkpoint under a temporary name and renames it to its
+    number once every process has written its shards, so one killed
+    mid-write is never listed.
+    """
+    if not os.path.isdir(directory):
+        return []
+    names = os.listdir(directory)
+    return sorted((int(name) for name in names if name.isdigit()), reverse=True)
+
+
+def _flatten(tree, prefix=""):
+    """`{"a": {"b": x}}` -> `{"a/b": x}`: variable paths to values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _abstract_state(path, state):
+    """JAX: the checkpoint's arrays as `jax.ShapeDtypeStruct`s placed like
+    the model's variables (`state`), so that Orbax reshards them onto the
+    current devices whatever the writers' topology; the rest (metrics not
+    built yet) replicated. Other backends: None (Orbax reads numpy)."""
+    if keras.config.backend() != "jax":
+        return None
+    import jax
+    from orbax.checkpoint import v1 as ocp
+
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        mesh = distribution.device_mesh.backend_mesh
+        default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def abstract(meta, ref):
+        if isinstance(meta, dict):
+            ref = ref if isinstance(ref, dict) else {}
+            return {k: abstract(v, ref.get(k)) for k, v in meta.items()}
+        sharding = getattr(ref, "sharding", None) or default
+        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+
+    metadata = ocp.pytree_metadata(path, checkpointable_name="pytree")
+    return abstract(metadata.metadata, state)
+
+
+def load_checkpoint(model, path):
+    """`model.load_weights` for one Orbax checkpoint `path`, strictly.
+
+    Keras 3.15's takes the checkpoints' directory and only reads the newest
+    one, and it skips variables whose paths do not match; here every
+    weight, non-trainable variable and optimizer variable of `model` must
+    be in the checkpoint with its shape, and nothing else.
+    """
+    from orbax.checkpoint import v1 as ocp
+
+    state = model.get_state_tree()
+    target = _abstract_state(path, state)
+    loaded = ocp.load_checkpointables(path, {"pytree": target})["pytree"]
+    keys = ("trainable_variables", "non_trainable_variables")
+    keys += ("optimizer_variables",)
+    for key in keys:
+        want, have = _flatten(state.get(key, {})), _flatten(loaded.get(key, {}))
+        if want.keys() != have.keys():
+            raise ValueError(
+                f"{path} holds other {key} than the model: missing "
+                f"{sorted(want.keys() - have.keys())[:3]}, unexpected "
+                f"{sorted(have.keys() - want.keys())[:3]}"
+            )
+        for name, value in want.items():
+            if tuple(value.shape) != tuple(np.shape(have[name])):
+                raise ValueError(
+                    f"{path}: {name} has shape {np.shape(have[name])}, the "
+                    f"model's has {tuple(value.shape)}"
+                )
+    model.set_state_tree({key: loaded[key] for key in keys if key in loaded})
+
+
+def restore_checkpoint(model, directory):
+    """Loads the newest checkpoint of `directory` that loads into `model`:
+    weights, optimizer state (its step included) and λ, resharded onto the
+    current distribution. One that fails to load (corrupt) is reported and
+    the one before it tried; if none loads, a `ValueError` says why, never
+    a silent restart from step 0. Returns the checkpoint's number or None.
+    """
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    failures = []
+    for number in complete_checkpoints(directory):
+        path = os.path.join(directory, str(number))
+        try:
+            load_checkpoint(model, path)
+            return number
+        except Exception as e:  # corrupt, truncated or foreign files
+            failures.append(f"{path}: {type(e).__name__}: {e}")
+            print(f"Cannot restore {failures[-1]}", file=sys.stderr)
+    if failures:
+        raise ValueError(
+            f"No checkpoint in {directory} can be restored, so the run "
+            "cannot resume; move the directory away to start afresh.\n"
+            + "\n".join(failures)
+        )
+    return None
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends training after exactly `steps` steps: the last evaluation
+    interval is cut short when `steps_per_epoch` does not divide `steps`
+    (it is still evaluated, logged and checkpointed)."""
+
+    def __init__(self, steps, steps_per_epoch):
+        super().__init__()
+        self.steps = steps
+        self.steps_per_epoch = steps_per_epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch * self.steps_per_epoch + batch + 1 >= self.steps:
+            self.model.stop_training = True
+
+
+class Synchronous(keras.callbacks.Callback):
+    """Keeps Keras from reading evaluation logs on a background thread.
+
+    With several processes, reading a global array is a computation every
+    process must run in the same order; Keras' asynchronous callback thread
+    can interleave its reads differently with the main thread's in each
+    process (two processes on gloo deadlocked in `evaluate`). A callback
+    that defines `on_test_batch_end` turns that thread off. (Training is
+    synchronous already: `StopAtStep` defines `on_train_batch_end`.)
     """
 
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch, logs=None):
-        partial = self.path + ".partial.keras"
-        self.model.save(partial)
-        os.replace(partial, self.path)
+    def on_test_batch_end(self, batch, logs=None):
+        pass
 
 
 def read_metrics(path):
@@ -342,23 +542,29 @@ def truncate_metrics(path, epochs):
         writer.writerows(rows)
 
 
-def plot_losses(rows, steps_per_epoch, mtp_num_layers, path):
-    """`losses.png`: main and per-depth losses, train and validation."""
+def plot_losses(train_rows, eval_rows, mtp_num_layers, path):
+    """`losses.png`: main and per-depth losses; training every
+    `--log-interval` steps (`train_losses.csv`), validation at each
+    evaluation (`metrics.csv`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [(int(row["epoch"]) + 1) * steps_per_epoch for row in rows]
     keys = ["main_loss"] + [
         f"mtp_loss_{k}" for k in range(1, mtp_num_layers + 1)
     ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, prefix, title in zip(axes, ("", "val_"), ("train", "validation")):
+    panels = (
+        (axes[0], train_rows, "", "train", None),
+        (axes[1], eval_rows, "val_", "validation", "o"),
+    )
+    for ax, rows, prefix, title, marker in panels:
         for key in keys:
-            if prefix + key in rows[0]:
+            if rows and prefix + key in rows[0]:
+                steps = [int(row["step"]) for row in rows]
                 values = [float(row[prefix + key]) for row in rows]
-                ax.plot(steps, values, marker="o", label=key)
+                ax.plot(steps, values, marker=marker, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -396,9 +602,6 @@ def summary_table(logs, mtp_num_layers):
     return "\n".join(lines)
 
 
-# === Main ====================================================================
-
-
 def report_speculation(model, dataset, config, num_prompts=4):
     """Decodes validation prompts with the MTP heads as drafters and prints
     what speculation buys: tokens per main forward pass and acceptance."""
@@ -431,26 +634,34 @@ def report_speculation(model, dataset, config, num_prompts=4):
     )
 
 
-def main(config):
-    start = time.time()
+# === Main: set-up, data, model, callbacks, training, report =================
+
+
+def set_up(config):
+    """Starts the processes and prepares the run directory: `config.json`,
+    checked against the one a resumed run saved."""
     initialize_processes(config)
-    process, processes = 0, 1
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax: lines per save
+    run = Run(config.output_dir)
     if keras.config.backend() == "jax":
         import jax
 
-        process, processes = jax.process_index(), jax.process_count()
-    run_dir = config.output_dir
-    if processes > 1 and process > 0:  # every process logs; one owns the run
-        run_dir = os.path.join(run_dir, f"process_{process}")
-    os.makedirs(run_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(run_dir, name)
-        for name in ("config.json", "metrics.csv", "best.keras", "last.keras")
-    }
+        run.process, run.processes = jax.process_index(), jax.process_count()
+    if run.process > 0:  # every process logs; one owns the run
+        run.directory = os.path.join(run.directory, f"process_{run.process}")
+    os.makedirs(run.directory, exist_ok=True)
     config_dict = dataclasses.asdict(config)
-    if os.path.exists(paths["last.keras"]):
-        with open(paths["config.json"]) as f:
-            saved = json.load(f)
+    if complete_checkpoints(checkpoint_directory(config)):
+        try:
+            with open(run.path("config.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"{run.directory} holds checkpoints but no readable "
+                f"config.json ({e}); use a new --output-dir to start afresh."
+            ) from e
         # The directory may be named another way (relative, absolute).
         changed = sorted(
             k
@@ -459,13 +670,31 @@ def main(config):
         )
         if changed:
             raise ValueError(
-                f"{run_dir} holds a run with another config (fields "
+                f"{run.directory} holds a run with another config (fields "
                 f"{changed} differ); use a new --output-dir to start afresh."
             )
-    with open(paths["config.json"], "w") as f:
+    with open(run.path("config.json"), "w") as f:
         json.dump(config_dict, f, indent=2)
+    return run
 
-    # === Data ===
+
+@dataclasses.dataclass
+class Corpus:
+    """The tokenized corpus: token files of the training and validation
+    files, and what the model needs to know of the tokenizer."""
+
+    num_files: int
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    tokenizer: typing.Any
+    vocabulary_size: int
+    kept_bytes: int
+    num_bytes: int
+
+
+def load_data(config):
+    """Tokenizes the corpus once into `<output_dir>/../.token_cache`, shared
+    by every process (each writes it atomically if it is missing)."""
     tokenizer = data.load_tokenizer(config.tokenizer)
     # Padded to a multiple of 64 (as nanoGPT does) so the vocabulary divides
     # any model-parallel mesh axis; the extra ids never occur in the data.
@@ -475,120 +704,211 @@ def main(config):
         files, config.validation_fraction, seed=config.seed
     )
     cache_dir = os.path.join(
-        os.path.dirname(os.path.abspath(run_dir)), ".token_cache"
+        os.path.dirname(os.path.abspath(config.output_dir)), ".token_cache"
     )
-    dataset_kwargs = dict(
+    tokens = [
+        data.prepare_tokens(split, cache_dir, tokenizer)
+        for split in (train_files, val_files)
+    ]
+    stats = [data.token_file_stats(t) for t in tokens]
+    return Corpus(
+        num_files=len(files),
+        train_tokens=tokens[0],
+        val_tokens=tokens[1],
+        tokenizer=tokenizer,
+        vocabulary_size=vocabulary_size,
+        kept_bytes=sum(s["kept_bytes"] for s in stats),
+        num_bytes=sum(s["bytes"] for s in stats),
+    )
+
+
+def make_datasets(config, run, corpus, start_step):
+    """The training batches from `start_step` on (each process its rows of
+    every global batch) and a fixed validation set: the same `eval_steps`
+    batches at every evaluation."""
+    kwargs = dict(
         sequence_length=config.sequence_length,
         batch_size=config.batch_size,
         packing=config.packing,
-        num_shards=processes,
-        shard_index=process,
-        cache_dir=cache_dir,
-        tokenizer=tokenizer,
-    )
-
-    # === Model (fresh, or resumed from last.keras) ===
-    distribution = make_distribution(
-        config, lambda: build_model(config, vocabulary_size)
-    )
-    if distribution is not None:
-        keras.distribution.set_distribution(distribution)
-    resumed = os.path.exists(paths["last.keras"])
-    # Seeded here, after the layout map's throwaway model drew its weights,
-    # so every distribution starts from the same weights as one device.
-    keras.utils.set_random_seed(config.seed)
-    if resumed:
-        model = keras.models.load_model(paths["last.keras"])
-    else:
-        model = build_model(config, vocabulary_size)
-    steps_per_epoch = min(config.eval_interval, config.steps)
-    epochs = math.ceil(config.steps / steps_per_epoch)
-    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    initial_epoch = step // steps_per_epoch
-    truncate_metrics(paths["metrics.csv"], initial_epoch)
-    history_rows = read_metrics(paths["metrics.csv"])
-    backbone_params = model.backbone.count_params()
-    print(
-        f"corpus: {len(files)} files ({len(train_files)} train, "
-        f"{len(val_files)} validation) from {config.data or 'Python stdlib'}\n"
-        f"{config.backbone}: {backbone_params:,} backbone parameters, "
-        f"{model.count_params() - backbone_params:,} in "
-        f"{config.mtp_num_layers} MTP depths; "
-        + (f"resuming at step {step}" if resumed else "starting")
-        + (
-            f" on {len(keras.distribution.list_devices())} devices, "
-            f"process {process}/{processes}"
-            if distribution
-            else ""
-        )
+        num_shards=run.processes,
+        shard_index=run.process,
+        tokenizer=corpus.tokenizer,
     )
     train_ds = data.make_dataset(
-        train_files,
-        seed=config.seed,
-        start_step=initial_epoch * steps_per_epoch,
-        **dataset_kwargs,
+        corpus.train_tokens, seed=config.seed, start_step=start_step, **kwargs
     )
-    # A fixed validation set: the same `eval_steps` batches at every eval.
-    val_ds = (
-        data.make_dataset(val_files, shuffle=False, **dataset_kwargs)
-        .take(config.eval_steps)
-        .cache()
-        .repeat()
-    )
+    val_ds = data.make_dataset(corpus.val_tokens, shuffle=False, **kwargs)
+    val_ds = val_ds.take(config.eval_steps).cache().repeat()
+    return train_ds, val_ds
 
-    # === Training ===
+
+def make_model(config, vocabulary_size):
+    """The model of `config`, in the current distribution's scope (each
+    weight is created sharded), restored from the newest checkpoint when
+    the run is resumed."""
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, vocabulary_size)
+    restore_checkpoint(model, checkpoint_directory(config))
+    return model
+
+
+def addressable(config, run):
+    """Whether this process holds every weight whole (one process, or
+    replicated weights), so that `model.save` can write a `.keras` file."""
+    return run.processes == 1 or config.distribution != "model"
+
+
+def make_callbacks(config, run, model, steps_per_epoch):
+    """In order: λ first (its value is logged), then throughput, then the
+    logs of the epoch, and only then its checkpoint, so a kill at any
+    instant loses nothing (a rerun retrains what has no checkpoint)."""
+    history = read_metrics(run.path("metrics.csv"))
     callbacks = []
     if config.mtp_schedule == "deepseek" and config.mtp_num_layers:
         switch = config.mtp_schedule_switch * config.steps
-        # First, so that λ is in the logs the CSV and TensorBoard write.
         callbacks.append(
             keras_mtp.callbacks.MTPLossScheduler(
                 lambda step: 0.3 if step < switch else 0.1
             )
         )
+    peak = None
+    if keras.config.backend() == "jax":
+        import jax
+
+        kind = jax.devices()[0].device_kind
+        peak = flops.peak_flops_per_device(kind)
+        peak = peak and peak * jax.device_count()
+    if run.processes > 1:
+        callbacks.append(Synchronous())
     callbacks += [
-        SaveLast(paths["last.keras"]),  # before the CSV row of its epoch
-        keras.callbacks.ModelCheckpoint(
-            paths["best.keras"],
-            monitor="val_loss",
-            save_best_only=True,
-            initial_value_threshold=min(
-                (float(row["val_loss"]) for row in history_rows), default=None
-            ),
+        StopAtStep(config.steps, steps_per_epoch),
+        keras_mtp.callbacks.Throughput(
+            config.batch_size * config.sequence_length,
+            flops.training_flops_per_token(model, config.sequence_length),
+            peak,
         ),
-        keras.callbacks.CSVLogger(paths["metrics.csv"], append=resumed),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")),
+        keras_mtp.callbacks.TrainingLossLog(
+            run.path("train_losses.csv"), config.log_interval
+        ),
+        keras.callbacks.CSVLogger(run.path("metrics.csv"), append=True),
+        keras.callbacks.TensorBoard(run.path("tensorboard")),
     ]
-    if initial_epoch < epochs:
+    if addressable(config, run):
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                run.path("best.keras"),
+                monitor="val_loss",
+                save_best_only=True,
+                initial_value_threshold=min(
+                    (float(row["val_loss"]) for row in history), default=None
+                ),
+            )
+        )
+    # Last: a checkpoint is written once its epoch is logged. Asynchronous:
+    # training goes on while it is written; the previous one is kept.
+    callbacks.append(
+        keras.callbacks.OrbaxCheckpoint(
+            checkpoint_directory(config), save_freq="epoch", max_to_keep=2
+        )
+    )
+    return callbacks
+
+
+def train(config, run, model, corpus):
+    """`model.fit` from the model's step to exactly `config.steps`, one
+    epoch per evaluation; then `model.keras` where it can be written."""
+    steps_per_epoch = min(config.eval_interval, config.steps)
+    epochs = math.ceil(config.steps / steps_per_epoch)
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    # Checkpoints are written at epoch ends: multiples of steps_per_epoch,
+    # or config.steps for the last, shorter one.
+    done = math.ceil(step / steps_per_epoch)
+    truncate_metrics(run.path("metrics.csv"), done)
+    if done < epochs:
+        train_ds, val_ds = make_datasets(config, run, corpus, step)
         model.fit(
             train_ds,
             epochs=epochs,
-            initial_epoch=initial_epoch,
+            initial_epoch=done,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_ds,
             validation_steps=config.eval_steps,
             shuffle=False,  # the dataset orders the rows itself
-            callbacks=callbacks,
+            callbacks=make_callbacks(config, run, model, steps_per_epoch),
             verbose="auto" if sys.stdout.isatty() else 2,
         )
+    if addressable(config, run):
+        model.save(run.path("model.keras"))
 
-    rows = read_metrics(paths["metrics.csv"])
+
+def report(config, run, model, corpus, start):
+    """`losses.png`, the final metrics per head and, on one device, what
+    speculative decoding with the trained MTP heads buys."""
+    rows = read_metrics(run.path("metrics.csv"))
+    steps_per_epoch = min(config.eval_interval, config.steps)
+    for row in rows:  # the step of each evaluation
+        row["step"] = min(
+            (int(row["epoch"]) + 1) * steps_per_epoch, config.steps
+        )
     plot_losses(
+        read_metrics(run.path("train_losses.csv")),
         rows,
-        steps_per_epoch,
         config.mtp_num_layers,
-        os.path.join(run_dir, "losses.png"),
+        run.path("losses.png"),
     )
-    minutes = (time.time() - start) / 60
+    last = rows[-1]
+    last_steps = config.steps - (len(rows) - 1) * steps_per_epoch
     print(
-        f"\nFinal metrics after {epochs * steps_per_epoch} steps "
-        f"({minutes:.1f} min). Loss in nats per token; train = mean over the "
-        f"last {steps_per_epoch} steps, val = {config.eval_steps} batches:"
+        f"\nFinal metrics after {config.steps} steps "
+        f"({(time.time() - start) / 60:.1f} min). Loss in nats per token; "
+        f"train = mean over the last {last_steps} steps, "
+        f"val = {config.eval_steps} batches:"
     )
-    print(summary_table(rows[-1], config.mtp_num_layers))
-    if config.mtp_num_layers and distribution is None:
+    print(summary_table(last, config.mtp_num_layers))
+    mfu = float(last["mfu"])
+    print(
+        f"Throughput (last evaluation interval, all devices, MTP depths "
+        f"included): {float(last['tokens_per_second']):,.0f} tokens/s, MFU "
+        + ("n/a (peak unknown)" if math.isnan(mfu) else f"{mfu:.1%}")
+    )
+    if config.mtp_num_layers and config.distribution == "none":
+        _, val_ds = make_datasets(config, run, corpus, start_step=0)
         report_speculation(model, val_ds, config)
-    print(f"saved to {run_dir}/")
+    print(f"saved to {run.directory}/")
+
+
+def main(config):
+    start = time.time()
+    run = set_up(config)
+    corpus = load_data(config)
+    distribution = make_distribution(config)
+    scope = distribution.scope() if distribution else contextlib.nullcontext()
+    with scope:
+        model = make_model(config, corpus.vocabulary_size)
+        backbone_params = model.backbone.count_params()
+        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        print(
+            f"corpus: {corpus.num_files} files from "
+            f"{config.data or 'Python stdlib'}, "
+            f"{len(corpus.train_tokens):,} + {len(corpus.val_tokens):,} "
+            f"tokens (train + validation) from "
+            f"{corpus.kept_bytes / corpus.num_bytes:.1%} of its "
+            f"{corpus.num_bytes:,} bytes\n"
+            f"{config.backbone}: {backbone_params:,} backbone parameters, "
+            f"{model.count_params() - backbone_params:,} in "
+            f"{config.mtp_num_layers} MTP depths, "
+            f"{flops.training_flops_per_token(model, config.sequence_length):,}"
+            " training FLOPs per token (MTP depths included); "
+            + (f"resuming at step {step}" if step else "starting")
+            + (
+                f" on {len(keras.distribution.list_devices())} devices, "
+                f"process {run.process}/{run.processes}"
+                if distribution
+                else ""
+            )
+        )
+        train(config, run, model, corpus)
+    report(config, run, model, corpus, start)
 
 
 if __name__ == "__main__":

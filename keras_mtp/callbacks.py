@@ -1,7 +1,12 @@
 """Keras callbacks for MTP training."""
 
+import csv
+import os
+import time
+
 import keras
 
+from keras_mtp import flops
 from keras_mtp.mtp_block import check_loss_scaling_factor
 
 
@@ -80,3 +85,132 @@ class MTPLossScheduler(keras.callbacks.Callback):
         self._epoch_start_step += self._batches_in_epoch
         if logs is not None:
             logs["mtp_loss_scaling_factor"] = self._current
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds training throughput and MFU to every epoch's logs.
+
+    `tokens_per_second` is global (all processes and devices): the tokens
+    of the epoch's training steps over their wall time, validation left
+    out (the first epoch includes compilation). `mfu` (model FLOPs
+    utilization) is `tokens_per_second · flops_per_token / peak_flops`,
+    NaN where the peak is unknown (CPUs). Put it before the callbacks that
+    write the logs (`CSVLogger`, `TensorBoard`).
+
+    Args:
+        tokens_per_step: int. Tokens of one global batch (batch × length).
+        flops_per_token: float. Training FLOPs per token,
+            `keras_mtp.flops.training_flops_per_token` (MTP depths
+            included).
+        peak_flops: float or None. Peak FLOP/s of all devices together
+            (`keras_mtp.flops.peak_flops_per_device` × devices).
+    """
+
+    def __init__(self, tokens_per_step, flops_per_token, peak_flops=None):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self._start = self._seconds = None
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._seconds, self._steps = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._seconds is None:
+            # Wait for the last step: JAX and TF dispatch asynchronously.
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            self._seconds = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_test_begin()  # no validation this epoch
+        rate = self._steps * self.tokens_per_step / max(self._seconds, 1e-9)
+        if logs is not None:
+            logs["tokens_per_second"] = rate
+            logs["mfu"] = flops.model_flops_utilization(
+                rate, self.flops_per_token, self.peak_flops
+            )
+
+
+class TrainingLossLog(keras.callbacks.Callback):
+    """Appends the training losses of every `interval` steps to a CSV file.
+
+    Keras logs a training loss per epoch (the mean since the epoch began);
+    this writes one row per `interval` steps (and one for an epoch's last,
+    shorter window): `step` (global steps done) and the mean of `loss`,
+    `main_loss`, `mtp_loss` and `mtp_loss_k` over the window, recovered
+    exactly from Keras' running means (each batch weighs the same). Rows
+    already in the file past the step training starts from are dropped, so
+    a resumed run rewrites what it retrains.
+
+    Args:
+        path: str. The CSV file.
+        interval: int >= 1. Steps per row.
+    """
+
+    def __init__(self, path, interval):
+        super().__init__()
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(
+                f"`interval` must be an int >= 1. Received: interval={interval}"
+            )
+        self.path = path
+        self.interval = interval
+
+    def on_train_begin(self, logs=None):
+        iterations = self.model.optimizer.iterations
+        self._epoch_start = int(keras.ops.convert_to_numpy(iterations))
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = list(csv.DictReader(f))
+        rows = [r for r in rows if int(r["step"]) <= self._epoch_start]
+        self._keys = list(rows[0]) if rows else None
+        if self._keys:
+            self._write(rows, mode="w")
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._done = 0  # batches of this epoch already written
+        self._sums = {}  # key -> the sum of their values
+        self._pending = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._pending = (batch + 1, logs)
+        if (batch + 1) % self.interval == 0:
+            self._flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._pending and self._pending[0] > self._done:
+            self._flush()
+        self._epoch_start += self._done
+
+    def _flush(self):
+        batches, logs = self._pending
+        window = batches - self._done
+        row = {"step": self._epoch_start + batches}
+        for key, value in logs.items():
+            if key == "mtp_loss_scaling_factor":
+                continue
+            if key == "loss" or key.startswith(("main_loss", "mtp_loss")):
+                total = float(keras.ops.convert_to_numpy(value)) * batches
+                row[key] = (total - self._sums.get(key, 0.0)) / window
+                self._sums[key] = total
+        self._done = batches
+        if self._keys is None:
+            self._keys = list(row)
+            self._write([row], mode="w")
+        else:
+            self._write([row], mode="a")
+
+    def _write(self, rows, mode):
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._keys)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)

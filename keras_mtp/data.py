@@ -59,7 +59,10 @@ BYTE_OFFSET = 2  # byte b has id b + BYTE_OFFSET
 VOCABULARY_SIZE = 256 + BYTE_OFFSET  # 258
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_mtp", "tokens")
-_CACHE_FORMAT = 1  # bump when the token file layout changes
+_CACHE_FORMAT = 2  # bump when the token file layout changes
+# A corpus of which a tokenizer keeps less than this share of the bytes (a
+# binary corpus, or text in a script the vocabulary lacks) is refused.
+MIN_KEPT_SHARE = 0.5
 _FEISTEL_ROUNDS = 6
 _EXCLUDED_STDLIB_DIRS = ("site-packages", "test", "tests")
 
@@ -280,6 +283,37 @@ def _tokenizer_identity(tokenizer):
 # === Tokens on disk ===
 
 
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise OSError(f"Cannot read corpus file {path}: {e}") from e
+
+
+def _tokenize_bytes(data, tokenizer):
+    if tokenizer is None:
+        return tokenize(data)
+    text = data.decode("utf-8", errors="replace")
+    return np.asarray(tokenizer.tokenize(text), dtype=np.int32).reshape(-1)
+
+
+def kept_bytes(data, ids, tokenizer=None):
+    """How many of the bytes `data` survive tokenization into `ids`.
+
+    The UTF-8 length of `tokenizer.detokenize(ids)` without U+FFFD (what
+    invalid bytes decode to), at most `len(data)`. A tokenizer drops the
+    characters its vocabulary lacks, so a binary file keeps few bytes; byte
+    tokens keep all of them.
+    """
+    if tokenizer is None:
+        return len(data)
+    text = tokenizer.detokenize(np.asarray(ids, dtype=np.int32))
+    if not isinstance(text, str):  # a tf string tensor
+        text = np.asarray(text).item().decode("utf-8", errors="replace")
+    return min(len(data), len(text.replace("\ufffd", "").encode("utf-8")))
+
+
 def read_file_tokens(path, tokenizer=None):
     """The token ids of one file followed by the separator, int32.
 
@@ -289,16 +323,7 @@ def read_file_tokens(path, tokenizer=None):
     Raises:
         OSError: the file cannot be read; the message names it.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise OSError(f"Cannot read corpus file {path}: {e}") from e
-    if tokenizer is None:
-        ids = tokenize(data)
-    else:
-        text = data.decode("utf-8", errors="replace")
-        ids = np.asarray(tokenizer.tokenize(text), dtype=np.int32).reshape(-1)
+    ids = _tokenize_bytes(_read_bytes(path), tokenizer)
     return np.append(ids, np.int32(separator_id(tokenizer)))
 
 
@@ -324,16 +349,27 @@ def _cache_path(files, cache_dir, tokenizer):
 
 
 def _append_file_tokens(out, path, tokenizer, dtype, size):
-    """Writes one file's tokens to `out`; returns how many. The file's
-    tokens are freed on return, so one file is in memory at a time."""
-    ids = read_file_tokens(path, tokenizer)
+    """Writes one file's tokens to `out`; returns `(tokens, bytes, kept
+    bytes)`. The file is freed on return: one file is in memory at a time."""
+    data = _read_bytes(path)
+    ids = _tokenize_bytes(data, tokenizer)
+    kept = kept_bytes(data, ids, tokenizer)
+    ids = np.append(ids, np.int32(separator_id(tokenizer)))
     if len(ids) and (ids.min() < 0 or ids.max() >= size):
         raise ValueError(
             f"Token ids of {path} fall outside [0, {size}): "
             f"[{ids.min()}, {ids.max()}]"
         )
     out.write(ids.astype(dtype).tobytes())
-    return len(ids)
+    return len(ids), len(data), kept
+
+
+def token_file_stats(tokens):
+    """What `prepare_tokens` recorded about a token file: a dict with
+    `tokens`, `bytes` (of the corpus files) and `kept_bytes` (the bytes the
+    tokenizer kept, `kept_bytes`)."""
+    with open(tokens.filename + ".json") as f:
+        return json.load(f)
 
 
 def prepare_tokens(files, cache_dir, tokenizer=None):
@@ -346,7 +382,13 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
     tokenizer, so a rerun on the same corpus reuses it and any change
     writes a new one (old ones are not deleted). It is written under a
     temporary name and renamed, so a killed run or a concurrent process
-    never leaves a partial file behind.
+    never leaves a partial file behind. Beside it, `<token file>.json`
+    records the token and byte counts (`token_file_stats`).
+
+    A tokenizer silently drops the characters its vocabulary lacks, so a
+    binary corpus would become almost no tokens: a corpus of which less
+    than `MIN_KEPT_SHARE` (half) of the bytes survive (`kept_bytes`) is
+    refused.
 
     Args:
         files: list of str. The corpus files, in order.
@@ -359,7 +401,8 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
     Raises:
         FileNotFoundError: a file does not exist; the message names it.
         OSError: a file cannot be read; the message names it.
-        ValueError: the corpus has no tokens.
+        ValueError: the corpus has no tokens, or the tokenizer keeps less
+            than half of its bytes.
     """
     files = [os.fspath(path) for path in files]
     path = _cache_path(files, os.path.expanduser(cache_dir), tokenizer)
@@ -369,21 +412,37 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
         size = vocabulary_size(tokenizer)
         temporary = f"{path}.tmp{os.getpid()}"
         try:
-            num_tokens = 0
+            counts = np.zeros(3, dtype=np.int64)  # tokens, bytes, kept
             with open(temporary, "wb") as out:
                 for file in files:
-                    num_tokens += _append_file_tokens(
+                    counts += _append_file_tokens(
                         out, file, tokenizer, dtype, size
                     )
+            num_tokens, num_bytes, num_kept = (int(n) for n in counts)
             if num_tokens == 0:
                 raise ValueError(
                     f"The corpus has 0 tokens ({len(files)} files): nothing "
                     "to train on."
                 )
+            if num_kept < MIN_KEPT_SHARE * num_bytes:
+                raise ValueError(
+                    f"The tokenizer kept {num_kept / num_bytes:.1%} of the "
+                    f"corpus' {num_bytes:,} bytes ({len(files)} files; less "
+                    f"than {MIN_KEPT_SHARE:.0%}): a binary corpus, or text "
+                    "its vocabulary lacks. Use --tokenizer=bytes or another "
+                    "tokenizer."
+                )
+            stats = dict(
+                tokens=num_tokens, bytes=num_bytes, kept_bytes=num_kept
+            )
+            with open(temporary + ".json", "w") as f:
+                json.dump(stats, f)
+            os.replace(temporary + ".json", path + ".json")
             os.replace(temporary, path)
         finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+            for leftover in (temporary, temporary + ".json"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
     return np.memmap(path, dtype=dtype, mode="r")
 
 

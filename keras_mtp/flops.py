@@ -22,7 +22,15 @@ masked attention computes them (a causal kernel does half); a gated FFN
 shrinks `8d²`: use the formulas as an estimate, not a prediction to 1 %.
 
     python -m keras_mtp.flops    # the overhead of D = 1, 2, 4 at 1B and 7B
+
+For logging throughput, `training_flops_per_token(model, T)` counts a built
+model's own weights instead (gated FFNs, grouped-query attention, untied
+heads and MoE routing included, MTP depths included), and
+`model_flops_utilization` divides the achieved FLOP/s by the devices' peak
+(`peak_flops_per_device`), as MaxText and the PaLM paper define MFU.
 """
+
+import math
 
 # Llama-like sizes (attention and FFN counted as above, not as gated / GQA).
 SIZES = {
@@ -103,6 +111,118 @@ def overhead_table(sizes=None, depths=(1, 2, 4)):
                 )
             )
     return rows
+
+
+# === Throughput ===
+
+# Peak dense bfloat16 FLOP/s of one device, by the start of JAX's
+# `device.device_kind` (the longest matching entry wins). Sources: Google
+# Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e,
+# /v5p, /v6e: "peak compute per chip, bf16") and NVIDIA's data sheets (dense
+# Tensor Core BF16, without the 2x of structured sparsity).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,  # TPU v4: 275 TFLOP/s bf16 per chip
+    "TPU v5 lite": 197e12,  # TPU v5e: 197 TFLOP/s bf16 per chip
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # TPU v5p ("TPU v5" in JAX): 459 TFLOP/s bf16
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # TPU v6e (Trillium): 918 TFLOP/s bf16 per chip
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,  # H100 SXM data sheet: 989 TFLOP/s bf16 dense
+    "NVIDIA H100 PCIe": 756e12,  # H100 PCIe data sheet: 756 TFLOP/s
+    "NVIDIA H100 NVL": 835e12,  # H100 NVL data sheet: 835 TFLOP/s
+    "NVIDIA H200": 989e12,  # H200 data sheet: 989 TFLOP/s bf16 dense
+    "NVIDIA A100": 312e12,  # A100 data sheet (SXM and PCIe): 312 TFLOP/s
+}
+
+
+def peak_flops_per_device(device_kind):
+    """Peak dense bf16 FLOP/s of a device (`PEAK_FLOPS`), or None where it
+    is not known (CPUs)."""
+    matches = [k for k in PEAK_FLOPS if str(device_kind).startswith(k)]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def _embedding_variables(backbone):
+    """Ids of the variables read by lookup, not by a matmul: the token
+    embedding (its use as the output head is counted apart) and position
+    embeddings."""
+    ids = {id(v) for v in backbone.token_embedding.weights}
+    for v in backbone.weights:
+        if "position_embedding" in v.path:
+            ids.add(id(v))
+    return ids
+
+
+def _experts_used(backbone):
+    """`(num_experts, top_k)` of an MoE backbone, or None."""
+    config = backbone.get_config()
+    num_experts = config.get("num_experts")
+    top_k = config.get("top_k", config.get("num_experts_per_tok"))
+    if num_experts and top_k:
+        return int(num_experts), int(top_k)
+    return None
+
+
+def forward_flops_per_token(model, sequence_length):
+    """Forward FLOPs per token of a built `MTPCausalLM` (or keras-hub task
+    with a `backbone`), MTP depths included.
+
+    `2 × (matmul weights used per token) + 4·T·d_attention per attention
+    layer`: every weight matrix of the trunk and of each MTP depth (its
+    block and `2d → d` projection) is used once per token, the output head
+    (`V·d`, tied or not) `1 + D` times (main head and each depth), an MoE
+    expert weight `top_k / num_experts` of the time; `4·T·d_attention`
+    counts all `T × T` attention scores and their product with the values,
+    as keras-hub's masked attention computes them (`d_attention` = query
+    heads × head size, taken as `hidden_dim`). Embedding lookups, norms and
+    softmax are left out.
+
+    Args:
+        model: a built `keras_mtp.MTPCausalLM`.
+        sequence_length: int. `T`.
+
+    Returns:
+        An int: FLOPs per token of one forward pass.
+    """
+    _check(T=sequence_length)
+    backbone = model.backbone
+    depths = int(getattr(model, "mtp_num_layers", 0) or 0)
+    lookups = _embedding_variables(backbone)
+    moe = _experts_used(backbone)
+    matmul = 0.0
+    for v in model.weights:
+        if id(v) in lookups or len(v.shape) < 2:
+            continue
+        size = math.prod(v.shape)
+        if moe and len(v.shape) == 3 and v.shape[0] == moe[0]:
+            size = size * moe[1] / moe[0]  # (experts, in, out): top_k used
+        matmul += size
+    head = backbone.token_embedding
+    head_size = math.prod(head.embeddings.shape)  # V · d
+    attention_layers = backbone.num_layers + depths
+    attention = 4 * sequence_length * backbone.hidden_dim * attention_layers
+    return int(2 * (matmul + (1 + depths) * head_size) + attention)
+
+
+def training_flops_per_token(model, sequence_length):
+    """FLOPs per token of a training step: `3 ×` the forward pass (the
+    backward pass costs two forward passes), MTP depths included."""
+    return 3 * forward_flops_per_token(model, sequence_length)
+
+
+def model_flops_utilization(tokens_per_second, flops_per_token, peak_flops):
+    """MFU: achieved model FLOP/s over the peak of all devices together.
+
+    Args:
+        tokens_per_second: float. Global training throughput.
+        flops_per_token: float. `training_flops_per_token`.
+        peak_flops: float or None. Peak FLOP/s of all devices together
+            (`peak_flops_per_device` × devices); None gives NaN ("n/a").
+    """
+    if not peak_flops:
+        return float("nan")
+    return tokens_per_second * flops_per_token / peak_flops
 
 
 def format_table(rows):

@@ -91,7 +91,8 @@ def test_prepare_tokens_hand_computed(corpus, cache):
     np.testing.assert_array_equal(tokens[12:17], [1, 122, 123, 124, 1])
     np.testing.assert_array_equal(tokens, stream(files))
     assert not tokens.flags.writeable
-    assert os.listdir(cache) == [os.path.basename(tokens.filename)]
+    name = os.path.basename(tokens.filename)
+    assert sorted(os.listdir(cache)) == [name, name + ".json"]
 
 
 def test_cache_reused_and_invalidated(corpus, cache, monkeypatch):
@@ -103,7 +104,7 @@ def test_cache_reused_and_invalidated(corpus, cache, monkeypatch):
         raise AssertionError("a cached corpus was read again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "read_file_tokens", no_reading)
+        patch.setattr(data, "_read_bytes", no_reading)
         again = data.prepare_tokens(files, cache)
     assert again.filename == first.filename
     assert os.stat(again.filename).st_mtime_ns == mtime
@@ -112,26 +113,26 @@ def test_cache_reused_and_invalidated(corpus, cache, monkeypatch):
     changed = data.prepare_tokens(files, cache)
     assert changed.filename != first.filename
     np.testing.assert_array_equal(changed[13:18], [122, 123, 124, 121, 1])
-    assert len(os.listdir(cache)) == 2  # no temporary files left
+    assert len(os.listdir(cache)) == 4  # 2 token files, 2 stats; no temporary
 
 
 def test_prepare_tokens_reads_one_file_at_a_time(corpus, cache, monkeypatch):
     files = data.list_corpus_files(str(corpus))
     alive = []
-    read = data.read_file_tokens
+    tokenize = data._tokenize_bytes
 
-    def tracked(path, tokenizer=None):
+    def tracked(content, tokenizer=None):
         gc.collect()
         assert all(ref() is None for ref in alive), "two files in memory"
-        tokens = read(path, tokenizer)
+        tokens = tokenize(content, tokenizer)
         alive.append(weakref.ref(tokens))
         return tokens
 
-    monkeypatch.setattr(data, "read_file_tokens", tracked)
+    monkeypatch.setattr(data, "_tokenize_bytes", tracked)
     tokens = data.prepare_tokens(files, cache)
     assert len(alive) == 3 and isinstance(tokens, np.memmap)
     # The dataset maps the same file: the corpus is never loaded.
-    monkeypatch.setattr(data, "read_file_tokens", None)
+    monkeypatch.setattr(data, "_read_bytes", None)
     data.make_dataset(files, 4, 2, cache_dir=cache)
 
 
@@ -183,6 +184,26 @@ def test_bpe_tokenizer(bpe_files, tmp_path, cache):
     bytes_tokens = data.prepare_tokens([path], cache)
     assert bytes_tokens.filename != tokens.filename  # tokenizer in the hash
     assert len(bytes_tokens) == 7
+
+
+def test_kept_share_recorded_and_binary_corpus_refused(
+    bpe_files, tmp_path, cache
+):
+    tokenizer = data.load_tokenizer("bpe:{},{}".format(*bpe_files))
+    # 8 bytes; the vocabulary lacks "x": 6 kept ("ab a\nb"), 2 dropped.
+    text = write(tmp_path / "t.txt", b"ab a\nbxx")
+    tokens = data.prepare_tokens([text], cache, tokenizer)
+    stats = data.token_file_stats(tokens)
+    assert stats == dict(tokens=len(tokens), bytes=8, kept_bytes=6)
+    assert data.token_file_stats(data.prepare_tokens([text], cache)) == dict(
+        tokens=9, bytes=8, kept_bytes=8
+    )
+    # Random bytes: invalid UTF-8 and characters the vocabulary lacks.
+    noise = np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8)
+    binary = write(tmp_path / "blob.bin", b"ab" + noise.tobytes())
+    with pytest.raises(ValueError, match=r"kept \d+\.\d% of the corpus' 410"):
+        data.prepare_tokens([text, binary], cache, tokenizer)
+    assert not [n for n in os.listdir(cache) if ".tmp" in n]
 
 
 def test_sentencepiece_tokenizer(tmp_path):

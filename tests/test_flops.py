@@ -2,6 +2,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from keras_mtp import flops
@@ -112,3 +113,91 @@ def test_module_prints_the_table():
     ).stdout
     assert out.count("Llama-2-7B-like") == 3
     assert "| 50.6 % | 1.506 |" in out
+
+
+# === Throughput: FLOPs counted on a built model ===
+
+
+def _train_llama(D, d=64, layers=2, heads=4, f=128, T=32, V=64):
+    """train.py's Llama (GQA: 2 key/value heads of 4) with `D` depths."""
+    import keras
+    import numpy as np
+
+    import keras_mtp
+    from keras_mtp import backbones
+
+    backbone = backbones.build_backbone("llama", V, d, layers, heads, f, T)
+    model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=D)
+    x = {
+        "token_ids": np.ones((2, T), "int32"),
+        "padding_mask": np.ones((2, T), "int32"),
+    }
+    model(x)
+    assert keras.config.backend() in ("jax", "tensorflow", "torch")
+    return model, x
+
+
+def test_model_flops_match_a_hand_count():
+    # train.py's llama: 4 query heads of 16, 2 key/value heads (GQA), a
+    # gated FFN (3 matrices), a tied 64 x 64 head. Per token, by hand:
+    d, f, T, V, hd = 64, 128, 32, 64, 16
+    block = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * f  # weights
+    attention = 4 * T * d
+    for D in (0, 2):
+        model, _ = _train_llama(D)
+        expected = (
+            2 * (2 + D) * block  # 2 trunk blocks, one per depth
+            + 2 * D * (2 * d * d)  # each depth's 2d -> d projection
+            + 2 * (1 + D) * d * V  # the head: main and every depth
+            + (2 + D) * attention
+        )
+        assert flops.forward_flops_per_token(model, T) == expected
+        assert flops.training_flops_per_token(model, T) == 3 * expected
+
+
+def test_model_flops_match_xla_cost_analysis():
+    # An independent count: XLA's own FLOPs of the compiled training-mode
+    # forward pass (MTP depths run), which also counts norms and softmax.
+    import keras
+
+    if keras.config.backend() != "jax":
+        pytest.skip("XLA cost analysis: JAX only (the count is backend-free)")
+    import jax
+
+    counted = {}
+    for D in (0, 2):
+        model, x = _train_llama(D)
+
+        def forward(trainable, non_trainable, x):
+            return model.stateless_call(
+                trainable, non_trainable, x, training=True
+            )[0]
+
+        values = [
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        ]
+        cost = jax.jit(forward).lower(*values, x).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        xla = cost["flops"] / x["token_ids"].size
+        counted[D] = flops.forward_flops_per_token(model, 32)
+        # Norms, softmax, RoPE and SiLU: a few % at d = 64.
+        assert counted[D] == pytest.approx(xla, rel=0.06), D
+        counted[D, "xla"] = xla
+    depths = (counted[2] - counted[0]) / (counted[2, "xla"] - counted[0, "xla"])
+    assert depths == pytest.approx(1.0, rel=0.06)
+
+
+def test_peak_flops_and_mfu():
+    assert flops.peak_flops_per_device("TPU v4") == 275e12
+    assert flops.peak_flops_per_device("TPU v5 lite") == 197e12
+    assert flops.peak_flops_per_device("TPU v5p") == 459e12
+    assert flops.peak_flops_per_device("TPU v6 lite") == 918e12
+    assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert flops.peak_flops_per_device("NVIDIA H200") == 989e12
+    assert flops.peak_flops_per_device("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_flops_per_device("cpu") is None
+    # 1000 tokens/s x 3e9 FLOPs / (2 x 1e12) = 1.5.
+    assert flops.model_flops_utilization(1000, 3e9, 2e12) == 1.5
+    assert np.isnan(flops.model_flops_utilization(1000, 3e9, None))

@@ -1,7 +1,9 @@
 """`train.py` run as a user runs it: outputs, config files, resume after a
 real kill, sharded and multi-process training."""
 
+import contextlib
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -18,9 +20,10 @@ import keras_mtp  # noqa: F401  (registers the classes load_model needs)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-# 5 evaluations of 8 steps on a tiny Llama over a small slice of the stdlib.
+# 5 evaluations on a tiny Llama over a small slice of the stdlib: 4 of 8
+# steps, then one of 4 (36 steps: eval_interval does not divide them).
 TINY = [
-    "--steps=40",
+    "--steps=36",
     "--eval-interval=8",
     "--eval-steps=2",
     "--sequence-length=32",
@@ -31,6 +34,7 @@ TINY = [
     "--intermediate-dim=32",
     "--warmup-steps=4",
     "--learning-rate=1e-2",
+    "--log-interval=3",
 ]
 METRICS = ("loss", "main_loss", "mtp_loss_1", "mtp_loss_2", "val_mtp_loss_2")
 
@@ -83,9 +87,13 @@ def run(args, env=None, timeout=600):
     return result.stdout
 
 
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.csv")) as f:
+def metrics_file(output_dir, name):
+    with open(os.path.join(output_dir, name)) as f:
         return list(csv.DictReader(f))
+
+
+def metrics(output_dir):
+    return metrics_file(output_dir, "metrics.csv")
 
 
 def assert_same_history(rows, reference, rtol, keys=METRICS):
@@ -109,23 +117,62 @@ def test_run_directory_holds_everything(reference_run):
     for name in (
         "config.json",
         "metrics.csv",
+        "train_losses.csv",
         "best.keras",
-        "last.keras",
+        "model.keras",
         "losses.png",
     ):
         assert os.path.exists(os.path.join(output_dir, name)), name
+    # Orbax keeps the checkpoints of the last two evaluations.
+    assert sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) == [
+        "3",
+        "4",
+    ]
     rows = metrics(output_dir)
     assert len(rows) == 5
     for key in METRICS + ("val_loss", "mtp_accuracy_1"):
         assert np.isfinite(float(rows[-1][key])), key
     assert float(rows[-1]["main_loss"]) < float(rows[0]["main_loss"])
     with open(os.path.join(output_dir, "config.json")) as f:
-        assert json.load(f)["steps"] == 40
+        assert json.load(f)["steps"] == 36
     assert os.listdir(os.path.join(output_dir, "tensorboard"))
-    assert "Final metrics after 40 steps" in stdout
+    # Exactly --steps: the last evaluation interval is cut to 4 steps.
+    assert "Final metrics after 36 steps" in stdout
+    assert "mean over the last 4 steps" in stdout
     assert "MTP depth 2 (token +3)" in stdout
-    model = keras.models.load_model(os.path.join(output_dir, "last.keras"))
-    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 40
+    model = keras.models.load_model(os.path.join(output_dir, "model.keras"))
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 36
+    # Throughput in every row; MFU needs a known peak, not a CPU's.
+    for row in rows:
+        assert float(row["tokens_per_second"]) > 0
+        assert row["mfu"] == "nan"
+    assert "MFU n/a" in stdout
+    # Training FLOPs per token, counted by hand: d=16, f=32, T=32, V=320
+    # (258 bytes padded to 64s), 4 query heads of 4, 2 key/value heads, one
+    # trunk block and D=2 depths (each: a block, a 2d -> d projection, the
+    # head again); x3 for forward + backward.
+    d, f, T, V, D = 16, 32, 32, 320, 2
+    block = 2 * (d * d + 2 * d * d // 2 + d * d + 3 * d * f) + 4 * T * d
+    forward = (1 + D) * block + D * 2 * 2 * d * d + (1 + D) * 2 * d * V
+    assert f"{3 * forward:,} training FLOPs per token" in stdout
+    # The whole corpus is text: every byte became a token.
+    assert "from 100.0% of its" in stdout
+    # Training losses every 3 steps (and at each evaluation): their
+    # step-weighted mean over an evaluation interval is its logged loss.
+    with open(os.path.join(output_dir, "train_losses.csv")) as f:
+        fine = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in fine]
+    assert steps == [3, 6, 8, 11, 14, 16, 19, 22, 24, 27, 30, 32, 35, 36]
+    for epoch, row in enumerate(rows):
+        start, end = 8 * epoch, min(8 * epoch + 8, 36)
+        previous, total = start, 0.0
+        for step, fine_row in zip(steps, fine):
+            if start < step <= end:
+                total += (step - previous) * float(fine_row["main_loss"])
+                previous = step
+        np.testing.assert_allclose(
+            total / (end - start), float(row["main_loss"]), rtol=1e-5
+        )
 
 
 def test_config_file_then_flags(corpus, tmp_path):
@@ -156,29 +203,85 @@ def test_config_file_then_flags(corpus, tmp_path):
     assert result.returncode != 0 and "mtp_num_layer" in result.stderr
 
 
+def test_config_file_values_pass_the_flags_checks(tmp_path, capsys):
+    sys.path.insert(0, ROOT)
+    import train
+
+    def parse(text):
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return train.parse_config([f"--config={path}"])
+
+    # argparse checks `type` and `choices` on strings only: a YAML value
+    # goes through the same checks as its flag's text.
+    for text, message in [
+        ("mtp_schedule: DeepSeek\n", "invalid choice: 'DeepSeek'"),
+        ("steps: 20.5\n", "invalid int value: '20.5'"),
+        ("packing: maybe\n", "expected true or false, got 'maybe'"),
+        ("mtp_num_layers: true\n", "invalid int value: 'true'"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(text)
+        error = capsys.readouterr().err
+        assert message in error and "run.yaml" in error, error
+    config = parse(
+        "steps: 20\npacking: true\nlearning_rate: 1\nloss_chunk_size: null\n"
+    )
+    assert (config.steps, config.packing) == (20, True)
+    assert config.learning_rate == 1.0 and type(config.learning_rate) is float
+    assert config.loss_chunk_size is None
+
+
+# Runs train.py and exits like a SIGKILL right after the checkpoint of the
+# second evaluation (step 16) is complete: the instant after which a row
+# written later would be lost.
+KILL_AFTER_CHECKPOINT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import keras
+import train
+
+save = keras.callbacks.OrbaxCheckpoint.on_epoch_end
+
+def save_then_die(self, epoch, logs=None):
+    save(self, epoch, logs)
+    if epoch == 1:
+        self.wait_until_finished()
+        os._exit(9)
+
+keras.callbacks.OrbaxCheckpoint.on_epoch_end = save_then_die
+train.main(train.parse_config({args!r}))
+"""
+
+
 def test_resume_after_kill_matches_uninterrupted_run(
     corpus, reference_run, tmp_path
 ):
     output_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        command(output_dir, corpus),
+    args = command(output_dir, corpus)[2:]
+    script = KILL_AFTER_CHECKPOINT.format(root=ROOT, args=args)
+    killed = subprocess.run(
+        [sys.executable, "-c", script],
         env=environment(),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        capture_output=True,
         text=True,
+        timeout=600,
     )
-    # "Epoch 3/5" is printed once epoch 2 has been checkpointed.
-    for line in process.stdout:
-        if line.startswith("Epoch 3/5"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=600)
-    assert process.returncode == -signal.SIGKILL
+    assert killed.returncode == 9, killed.stderr[-4000:]
     assert not os.path.exists(output_dir / "losses.png")  # did not finish
+    # Every epoch of the checkpoint was logged before it was written.
+    assert len(metrics(output_dir)) == 2
     stdout = run(command(output_dir, corpus))
     assert "resuming at step 16" in stdout
-    assert_same_history(metrics(output_dir), metrics(reference_run[0]), 1e-6)
+    reference = reference_run[0]
+    assert_same_history(metrics(output_dir), metrics(reference), 1e-6)
+    fine, fine_reference = (
+        metrics_file(directory, "train_losses.csv")
+        for directory in (output_dir, reference)
+    )
+    assert [r["step"] for r in fine] == [r["step"] for r in fine_reference]
+    assert_same_history(fine, fine_reference, 1e-6, keys=METRICS[:4])
 
 
 def free_port():
@@ -231,8 +334,149 @@ def test_two_processes_match_one(corpus, reference_run, tmp_path):
     for i, (p, out) in enumerate(zip(processes, outputs)):
         assert p.returncode == 0, out[-4000:]
         assert f"on 8 devices, process {i}/2" in out
+    # Process 1 reads the token file process 0 wrote, beside the run.
+    assert os.listdir(tmp_path / ".token_cache")
+    assert not os.path.exists(tmp_path / "run" / "process_1" / ".token_cache")
+    assert not os.path.exists(tmp_path / "run" / ".token_cache")
     reference = metrics(reference_run[0])
     assert_same_history(metrics(tmp_path / "run"), reference, 1e-5)
     assert_same_history(
         metrics(tmp_path / "run" / "process_1"), reference, 1e-5
     )
+
+
+def test_checkpoint_fallback_and_errors(tmp_path, capsys):
+    jax_only()  # Orbax checkpoints are written the same way on every backend
+    sys.path.insert(0, ROOT)
+    import train
+
+    def tiny(**overrides):
+        config = train.Config(
+            hidden_dim=16,
+            num_heads=4,
+            num_layers=1,
+            intermediate_dim=32,
+            sequence_length=12,
+            steps=10,
+            warmup_steps=1,
+            output_dir=str(tmp_path / "run"),
+            **overrides,
+        )
+        keras.utils.clear_session()  # the same variable paths every time
+        keras.utils.set_random_seed(0)
+        return config, train.build_model(config, 64)
+
+    config, model = tiny()
+    directory = train.checkpoint_directory(config)
+    x = {
+        "token_ids": np.arange(48).reshape(4, 12) % 64,
+        "padding_mask": np.ones((4, 12), "int32"),
+    }
+    saver = keras.callbacks.OrbaxCheckpoint(directory, max_to_keep=3)
+    model.fit(x, x["token_ids"], epochs=3, callbacks=[saver], verbose=0)
+    expected = model.predict(x, verbose=0)
+
+    def restored(model):
+        number = train.restore_checkpoint(model, directory)
+        return number, int(
+            keras.ops.convert_to_numpy(model.optimizer.iterations)
+        )
+
+    # Killed mid-write: Orbax's temporary directory is not a checkpoint.
+    partial = os.path.join(directory, "3.orbax-checkpoint-tmp-1")
+    os.makedirs(partial)
+    with open(os.path.join(partial, "junk"), "w") as f:
+        f.write("partial")
+    _, fresh = tiny()
+    assert restored(fresh) == (2, 3)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, atol=1e-6)
+
+    # A corrupt newest checkpoint: said so, and the one before it is used.
+    for root, _, names in os.walk(os.path.join(directory, "2")):
+        for name in names:
+            with open(os.path.join(root, name), "w") as f:
+                f.write("corrupt")
+    _, fresh = tiny()
+    assert restored(fresh) == (1, 2)
+    assert "Cannot restore " + os.path.join(directory, "2") in (
+        capsys.readouterr().err
+    )
+
+    # A checkpoint of another model (2 MTP depths, not 1) does not load:
+    # an error, never a silent start from step 0.
+    _, other = tiny(mtp_num_layers=1)
+    with pytest.raises(ValueError, match="No checkpoint in .* can be restored"):
+        train.restore_checkpoint(other, directory)
+
+    # The run directory of another config is refused before any loading.
+    with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f)
+    with pytest.raises(ValueError, match=r"another config .*'steps'"):
+        train.set_up(dataclasses.replace(config, steps=12))
+
+
+def test_two_processes_killed_resume_and_reshard(
+    corpus, reference_run, tmp_path
+):
+    """Model parallel over 2 processes (gloo) x 4 devices: SIGKILLed
+    mid-run, rerun, same history as one device; its sharded checkpoint then
+    restores in one process on 8 devices and on 1 device alike."""
+    jax_only()
+    output_dir = tmp_path / "run"
+    flags = ["--distribution=model", "--mesh=2,4"]
+
+    def launch():
+        address = f"127.0.0.1:{free_port()}"
+        return [
+            subprocess.Popen(
+                command(output_dir, corpus, *flags),
+                env=environment(
+                    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                    KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+                    KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                    KERAS_DISTRIBUTION_PROCESS_ID=str(i),
+                ),
+                cwd=ROOT,
+                stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    processes = launch()
+    for line in processes[0].stdout:  # epochs 0-2 done and checkpointed
+        if line.startswith("Epoch 4/5"):
+            break
+    for p in processes:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=600)
+    processes = launch()
+    out = processes[0].communicate(timeout=600)[0]
+    processes[1].wait(timeout=600)
+    assert [p.returncode for p in processes] == [0, 0], out[-4000:]
+    # The checkpoint of epoch 2 may still have been in flight: 16 or 24.
+    assert "resuming at step 16" in out or "resuming at step 24" in out
+    assert_same_history(metrics(output_dir), metrics(reference_run[0]), 1e-5)
+    assert not os.path.exists(output_dir / "model.keras")  # not addressable
+
+    sys.path.insert(0, ROOT)
+    import train
+
+    config = train.parse_config(command(output_dir, corpus, *flags)[2:])
+    x = {
+        "token_ids": np.arange(4 * 32).reshape(4, 32) % 250 + 2,
+        "padding_mask": np.ones((4, 32), "int32"),
+    }
+    predictions = []
+    for distribution in (train.make_distribution(config), None):
+        keras.utils.clear_session()  # the variable paths of a fresh process
+        scope = (
+            distribution.scope() if distribution else contextlib.nullcontext()
+        )
+        with scope:
+            model = train.make_model(config, 320)
+            step = keras.ops.convert_to_numpy(model.optimizer.iterations)
+            assert int(step) == 36
+            predictions.append(model.predict(x, verbose=0))
+    np.testing.assert_allclose(predictions[0], predictions[1], atol=1e-5)
