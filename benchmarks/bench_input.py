@@ -21,9 +21,9 @@ markdown table and as JSON (to `--out` when given).
 """
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -34,7 +34,10 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_mtp  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from keras_mtp import data  # noqa: E402
 
 SEQUENCE_LENGTH = 128
@@ -168,11 +171,8 @@ def main(args, cache_dir):
         f"per batch; prepare_tokens: {prepare_s:.2f} s for "
         f"{len(tokens):,} tokens\n"
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    result["machine"] = machine()
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

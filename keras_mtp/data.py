@@ -43,7 +43,6 @@ resumed = data.make_dataset(train_files, 128, 16, start_step=700)
 ```
 """
 
-import functools
 import glob
 import hashlib
 import json
@@ -63,7 +62,6 @@ _CACHE_FORMAT = 2  # bump when the token file layout changes
 # A corpus of which a tokenizer keeps less than this share of the bytes (a
 # binary corpus, or text in a script the vocabulary lacks) is refused.
 MIN_KEPT_SHARE = 0.5
-_FEISTEL_ROUNDS = 6
 _EXCLUDED_STDLIB_DIRS = ("site-packages", "test", "tests")
 
 
@@ -449,66 +447,37 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
 # === Batches ===
 
 
-def _mix(z):
-    """splitmix64's finalizer: a bijective hash of uint64 values."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-@functools.lru_cache(maxsize=64)
-def _round_keys(seed, pass_index):
-    state = np.random.SeedSequence([seed, pass_index])
-    return state.generate_state(_FEISTEL_ROUNDS, np.uint64)
-
-
-def _permute(q, n, seed, pass_index):
-    """`perm(q)` for a seeded pseudo-random permutation of `range(n)`.
-
-    A balanced Feistel network over `2h`-bit integers (`4**h >= n`) is a
-    permutation of `range(4**h)`; "cycle walking" (apply it again until the
-    value is below `n`) restricts it to a permutation of `range(n)` in
-    fewer than 4 applications on average. O(1) memory, any `n`.
-    """
-    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half_bits) - 1)
-    keys = _round_keys(seed, pass_index)
-
-    def encrypt(x):
-        left, right = x >> np.uint64(half_bits), x & mask
-        for key in keys:
-            left, right = right, left ^ (_mix(right ^ key) & mask)
-        return (left << np.uint64(half_bits)) | right
-
-    y = encrypt(np.asarray(q, dtype=np.uint64))
-    outside = y >= n
-    while outside.any():
-        y[outside] = encrypt(y[outside])
-        outside = y >= n
-    return y.astype(np.int64)
-
-
 def example_rows(indices, num_rows, seed=0, shuffle=True):
     """Row of each global example index: `perm_p(g mod N)`, `p = g // N`.
 
+    `perm_p` is TensorFlow's stateless index shuffle (`RandomIndexShuffle`,
+    the op behind `tf.random.experimental.index_shuffle`) permutation of
+    `range(N)` drawn from the seed `(seed, p)`: O(1) memory for any `N`, a
+    new order each pass, the same order on every run and process.
+
     Args:
-        indices: 1-D int array. Global example indices
+        indices: 1-D int tensor or array. Global example indices
             `g = step * batch_size + j`.
         num_rows: int. `N`, the rows of the corpus.
         seed: int. With the pass `p`, seeds each pass's permutation.
         shuffle: bool. False gives row `g mod N`.
 
     Returns:
-        An int64 array of row numbers in `[0, N)`, shaped like `indices`.
+        An int64 tensor of row numbers in `[0, N)`, shaped like `indices`.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    passes, rows = np.divmod(indices, num_rows)
+    indices = tf.cast(indices, "int64")
+    passes, rows = indices // num_rows, indices % num_rows
     if not shuffle:
         return rows
-    for p in np.unique(passes):
-        here = passes == p
-        rows[here] = _permute(rows[here], num_rows, seed, int(p))
-    return rows
+    # One seed per index, `(seed, p, 0)`, given to the raw op:
+    # `tf.random.experimental.index_shuffle` turns an `[n, 2]` seed into
+    # `[n + 1, 2]`, not `[n, 3]` (TF 2.21).
+    seed = tf.fill(tf.shape(passes), tf.cast(seed, "int64"))
+    seeds = tf.stack([seed, passes, tf.zeros_like(passes)], axis=-1)
+    max_index = tf.fill(tf.shape(rows), tf.cast(num_rows - 1, "int64"))
+    return tf.raw_ops.RandomIndexShuffle(
+        index=rows, seed=seeds, max_index=max_index, rounds=4
+    )
 
 
 def _to_features(rows, packing, separator):
@@ -548,8 +517,9 @@ def make_dataset(
     never used). Global example `g = step * batch_size + j` is row
     `perm_p(g mod N)` of pass `p = g // N`: every pass visits every row
     once, in an order drawn from `(seed, p)` (`example_rows`). The dataset is
-    `Dataset.counter(start_step)` mapped through a `tf.numpy_function` that
-    gathers each step's rows from the memory map, then prefetched.
+    `Dataset.counter(start_step)` mapped to each step's row numbers and through
+    a `tf.numpy_function` that gathers those rows from the memory map, then
+    prefetched.
 
     Shapes are static: `x["token_ids"]`, `x["padding_mask"]` and `y` are
     int32 `(batch_size // num_shards, sequence_length)`, `sample_weight` is
@@ -632,13 +602,14 @@ def make_dataset(
     local_batch = batch_size // num_shards
     offsets = shard_index * local_batch + np.arange(local_batch)
 
-    def gather(step):  # step -> (local_batch, T + 1) token ids
-        indices = int(step) * batch_size + offsets
-        chosen = example_rows(indices, num_rows, seed, shuffle)
+    def gather(chosen):  # (local_batch,) row numbers -> (local_batch, T + 1)
         return rows[chosen].astype(np.int32)
 
     def to_batch(step):
-        batch = tf.numpy_function(gather, [step], tf.int32, stateful=False)
+        chosen = example_rows(
+            step * batch_size + offsets, num_rows, seed, shuffle
+        )
+        batch = tf.numpy_function(gather, [chosen], tf.int32, stateful=False)
         batch.set_shape((local_batch, row_length))
         return _to_features(batch, packing, separator_id(tokenizer))
 
