@@ -522,6 +522,14 @@ class Synchronous(keras.callbacks.Callback):
         pass
 
 
+class MetricsCSV(keras.callbacks.CSVLogger):
+    """`CSVLogger` whose `mfu` column reads "n/a" where the device's peak
+    FLOP/s is unknown (`Throughput` then leaves `mfu` out of the logs)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {"mfu": "n/a", **(logs or {})})
+
+
 def read_metrics(path):
     if not os.path.exists(path):
         return []
@@ -790,7 +798,7 @@ def make_callbacks(config, run, model, steps_per_epoch):
         keras_mtp.callbacks.TrainingLossLog(
             run.path("train_losses.csv"), config.log_interval
         ),
-        keras.callbacks.CSVLogger(run.path("metrics.csv"), append=True),
+        MetricsCSV(run.path("metrics.csv"), append=True),
         keras.callbacks.TensorBoard(run.path("tensorboard")),
     ]
     if addressable(config, run):
@@ -865,11 +873,11 @@ def report(config, run, model, corpus, start):
         f"val = {config.eval_steps} batches:"
     )
     print(summary_table(last, config.mtp_num_layers))
-    mfu = float(last["mfu"])
+    mfu = last["mfu"]
     print(
         f"Throughput (last evaluation interval, all devices, MTP depths "
         f"included): {float(last['tokens_per_second']):,.0f} tokens/s, MFU "
-        + ("n/a (peak unknown)" if math.isnan(mfu) else f"{mfu:.1%}")
+        + ("n/a (peak unknown)" if mfu == "n/a" else f"{float(mfu):.1%}")
     )
     if config.mtp_num_layers and config.distribution == "none":
         _, val_ds = make_datasets(config, run, corpus, start_step=0)

@@ -1,24 +1,33 @@
-"""What do train.py's asynchronous Orbax checkpoints cost? With vs without.
+"""What does one asynchronous Orbax checkpoint cost train.py? Measured per save.
 
-    python benchmarks/bench_checkpoint.py        # ~6 min on 2 CPU cores
-    python benchmarks/bench_checkpoint.py --interval=50 --rounds=3 --out=x.json
+    python benchmarks/bench_checkpoint.py          # ~6 min on 2 CPU cores
+    python benchmarks/bench_checkpoint.py --saves=10 --out=x.json
 
 One process, JAX backend. `train.py`'s default model (llama d=64, L=2, MTP
 D=2, T=128, batch 16, bytes) is trained with `model.fit` on random tokens
-(the input pipeline is measured by bench_input.py), one epoch per
-`--interval` steps (train.py's `--eval-interval`, default 300). Rounds of two
-epochs alternate: "with" rounds write a `keras.callbacks.OrbaxCheckpoint`
-(asynchronous, as train.py writes it) at the end of each epoch, "without"
-rounds write none. The second epoch of a round is timed, from its start to
-the end of its `on_epoch_end` (so it includes starting a write and the steps
-that run while the previous write finishes in the background): the steady
-state of a checkpoint every `--interval` steps. It reports the median time
-per step of each and their ratio (1.00 = checkpoints cost nothing), as a
-markdown table and as JSON (to `--out` when given).
+(the input pipeline is measured by bench_input.py) in epochs of
+`--epoch-steps` steps. Epoch boundaries alternate: at every other one a
+`keras.callbacks.OrbaxCheckpoint` (asynchronous, as train.py writes it) is
+saved, at the others nothing. Every step's wall time is recorded.
+
+The cost of one save is measured where it happens, against the steps just
+before it, because this machine's speed drifts by more than the effect
+between epochs (whole-epoch ratios swung 0.99-1.11 in one run): for each
+boundary, `excess = sum over the W steps after it of (step time - median of
+the W steps before it)`. The boundary's step includes the blocking part of the
+save, the steps after it the background write. `cost per save = median excess
+at saving boundaries - median excess at the others` (an epoch boundary costs
+something of its own), reported for W = 10, 25, 50 and 100 steps: equal figures
+mean the write had finished within the window; the largest of the four is
+taken as the cost (conservative: longer windows add more steps' noise). The
+overhead at train.py's
+default interval (a checkpoint every `--interval` steps, its
+`--eval-interval`) is `cost per save / (interval * median step time)`.
+Also reported: the time each save blocks `on_epoch_end`, and the whole-epoch
+ratio (with / without) for comparison, which carries the drift.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,42 +43,48 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from keras_mtp import data  # noqa: E402
 
+WINDOWS = (10, 25, 50, 100)
 
-class EveryOtherRound(keras.callbacks.Callback):
-    """Checkpoints in "with" rounds (odd rounds: epochs 2-3, 6-7, ...) and
-    times the second epoch of every round."""
+
+class SaveEveryOtherEpoch(keras.callbacks.Callback):
+    """Saves at the end of odd epochs; records step end times and how long
+    each save blocks."""
 
     def __init__(self, checkpoint):
         super().__init__()
         self.checkpoint = checkpoint
-        self.times = {"with": [], "without": []}
+        self.step_ends = []
+        self.blocking_s = []
 
     def set_model(self, model):
         super().set_model(model)
         self.checkpoint.set_model(model)
 
-    def mode(self, epoch):
-        return "with" if (epoch // 2) % 2 else "without"
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+    def on_train_batch_end(self, batch, logs=None):
+        self.step_ends.append(time.perf_counter())
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.mode(epoch) == "with":
+        if epoch % 2:
+            start = time.perf_counter()
             self.checkpoint.on_epoch_end(epoch, logs)
-        if epoch % 2 == 1:  # the round's second epoch
-            self.times[self.mode(epoch)].append(
-                time.perf_counter() - self._start
-            )
+            self.blocking_s.append(time.perf_counter() - start)
 
     def on_train_end(self, logs=None):
         self.checkpoint.on_train_end(logs)
 
 
-def main(args, directory):
-    absl.logging.set_verbosity(absl.logging.ERROR)
+def boundary_excess(step_ms, boundary, window):
+    """Extra ms in the `window` steps from `boundary` on, against the median
+    of the `window` steps before it."""
+    before = np.median(step_ms[boundary - window : boundary])
+    return float(np.sum(step_ms[boundary : boundary + window] - before))
+
+
+def measure(args, directory):
     config = train.Config()
     keras.utils.set_random_seed(0)
     model = train.build_model(config, 64 * -(-data.VOCABULARY_SIZE // 64))
@@ -78,66 +93,99 @@ def main(args, directory):
     dataset = data.make_dataset(
         tokens, config.sequence_length, config.batch_size
     )
-    timer = EveryOtherRound(
+    timer = SaveEveryOtherEpoch(
         keras.callbacks.OrbaxCheckpoint(
             directory, save_freq="epoch", max_to_keep=2
         )
     )
-    # Rounds 0 ("without", also the warm-up that compiles), 1 ("with"), ...
-    epochs = 2 * (2 * args.rounds + 1)
+    # Epoch 0 compiles; boundaries after epochs 1, 2, ... are measured.
     model.fit(
         dataset,
-        epochs=epochs,
-        steps_per_epoch=args.interval,
-        shuffle=False,
+        epochs=2 * args.saves + 2,
+        steps_per_epoch=args.epoch_steps,
         callbacks=[timer],
         verbose=0,
     )
-    times = {
-        "with": timer.times["with"],
-        "without": timer.times["without"][1:],  # round 0 compiled
-    }
-    per_step = {
-        k: [1e3 * t / args.interval for t in v] for k, v in times.items()
-    }
-    medians = {k: statistics.median(v) for k, v in per_step.items()}
-    paired = statistics.median(
-        a / b for a, b in zip(per_step["with"], per_step["without"])
-    )
-    result = {
+    # step_ms[i] is step i's time, measured from the end of step i - 1, so a
+    # boundary's epoch-end work lands in the first step after it.
+    step_ms = 1e3 * np.diff(np.asarray(timer.step_ends))
+    n = args.epoch_steps
+    # Boundary after epoch e (e >= 1) is step index (e + 1) * n - 1 of diffs.
+    boundaries = {"with": [], "without": []}
+    for epoch in range(1, 2 * args.saves + 1):
+        kind = "with" if epoch % 2 else "without"
+        boundaries[kind].append((epoch + 1) * n - 1)
+    median_step = float(np.median(step_ms[n:]))
+    cost = {}
+    for window in WINDOWS:
+        excess = {
+            kind: [boundary_excess(step_ms, b, window) for b in bs]
+            for kind, bs in boundaries.items()
+        }
+        cost[window] = {
+            "median_excess_ms": {
+                k: round(statistics.median(v), 1) for k, v in excess.items()
+            },
+            "cost_per_save_ms": round(
+                statistics.median(excess["with"])
+                - statistics.median(excess["without"]),
+                1,
+            ),
+        }
+    epoch_ms = {kind: [] for kind in boundaries}  # the epoch after a boundary
+    for kind, bs in boundaries.items():
+        for b in bs:
+            epoch_ms[kind].append(float(np.sum(step_ms[b : b + n])))
+    # The largest window's sum is the noisiest: report the largest figure.
+    per_save = max(c["cost_per_save_ms"] for c in cost.values())
+    return {
         "config": dict(
             backend=keras.config.backend(),
             model="train.py default: llama d=64 L=2, MTP D=2",
+            parameters=model.count_params(),
             sequence_length=config.sequence_length,
             batch_size=config.batch_size,
+            epoch_steps=n,
+            saves=args.saves,
             checkpoint_interval_steps=args.interval,
-            rounds=args.rounds,
-            parameters=model.count_params(),
         ),
-        "ms_per_step": {
-            k: [round(t, 2) for t in v] for k, v in per_step.items()
-        },
-        "median_ms_per_step": {k: round(v, 2) for k, v in medians.items()},
-        "ratio_with_over_without": round(
-            medians["with"] / medians["without"], 3
+        "median_ms_per_step": round(median_step, 2),
+        "save_blocking_ms": [round(1e3 * s, 1) for s in timer.blocking_s],
+        "by_window": {str(w): c for w, c in cost.items()},
+        "cost_per_save_ms": per_save,
+        "overhead_at_interval": round(
+            per_save / (args.interval * median_step), 4
         ),
-        "median_ratio_of_paired_rounds": round(paired, 3),
+        "whole_epoch_ratio_with_over_without": round(
+            statistics.median(epoch_ms["with"])
+            / statistics.median(epoch_ms["without"]),
+            3,
+        ),
     }
-    print("| checkpoints | median ms / step | min | max |\n|---|---|---|---|")
-    for name, t in per_step.items():
+
+
+def main(args, directory):
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    result = measure(args, directory)
+    result["machine"] = machine()
+    print(
+        "| window (steps after the boundary) | excess with save (ms) "
+        "| excess without (ms) | cost per save (ms) |\n|---|---|---|---|"
+    )
+    for window, c in result["by_window"].items():
+        e = c["median_excess_ms"]
         print(
-            f"| {name} (every {args.interval} steps) | {medians[name]:.2f} "
-            f"| {min(t):.2f} | {max(t):.2f} |"
+            f"| {window} | {e['with']} | {e['without']} "
+            f"| {c['cost_per_save_ms']} |"
         )
     print(
-        f"\nratio with / without: {result['ratio_with_over_without']:.3f} "
-        f"(median of paired rounds: {paired:.3f})\n"
+        f"\nmedian step {result['median_ms_per_step']} ms; a save blocks "
+        f"{statistics.median(result['save_blocking_ms'])} ms (median); "
+        f"overhead of a checkpoint every {args.interval} steps: "
+        f"{100 * result['overhead_at_interval']:.2f} %; whole-epoch ratio "
+        f"with / without {result['whole_epoch_ratio_with_over_without']}\n"
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
@@ -146,10 +194,13 @@ if __name__ == "__main__":
         "--interval",
         type=int,
         default=train.Config().eval_interval,
-        help="steps between checkpoints (train.py's --eval-interval)",
+        help="steps between train.py's checkpoints (its --eval-interval)",
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epoch-steps", type=int, default=200)
+    parser.add_argument("--saves", type=int, default=6)
     parser.add_argument("--out", default=None, help="write the JSON here")
     args = parser.parse_args()
+    if args.epoch_steps < 2 * max(WINDOWS):
+        parser.error(f"--epoch-steps must be >= {2 * max(WINDOWS)}")
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
         main(args, os.path.join(tmp, "checkpoints"))

@@ -94,8 +94,9 @@ class Throughput(keras.callbacks.Callback):
     of the epoch's training steps over their wall time, validation left
     out (the first epoch includes compilation). `mfu` (model FLOPs
     utilization) is `tokens_per_second · flops_per_token / peak_flops`,
-    NaN where the peak is unknown (CPUs). Put it before the callbacks that
-    write the logs (`CSVLogger`, `TensorBoard`).
+    left out of the logs where the peak is unknown (CPUs), so that no
+    progress line or TensorBoard chart shows a NaN. Put it before the
+    callbacks that write the logs (`CSVLogger`, `TensorBoard`).
 
     Args:
         tokens_per_step: int. Tokens of one global batch (batch × length).
@@ -131,9 +132,10 @@ class Throughput(keras.callbacks.Callback):
         rate = self._steps * self.tokens_per_step / max(self._seconds, 1e-9)
         if logs is not None:
             logs["tokens_per_second"] = rate
-            logs["mfu"] = flops.model_flops_utilization(
-                rate, self.flops_per_token, self.peak_flops
-            )
+            if self.peak_flops:
+                logs["mfu"] = flops.model_flops_utilization(
+                    rate, self.flops_per_token, self.peak_flops
+                )
 
 
 class TrainingLossLog(keras.callbacks.Callback):
