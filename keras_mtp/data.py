@@ -496,6 +496,32 @@ def _to_features(rows, packing, separator):
     return x, y, sample_weight
 
 
+def _check_dataset_arguments(
+    sequence_length, batch_size, seed, start_step, num_shards, shard_index
+):
+    if sequence_length < 1 or batch_size < 1:
+        raise ValueError(
+            "`sequence_length` and `batch_size` must be >= 1. Received: "
+            f"sequence_length={sequence_length}, batch_size={batch_size}"
+        )
+    if num_shards < 1 or batch_size % num_shards:
+        raise ValueError(
+            "`batch_size` must be a multiple of `num_shards` (each shard "
+            f"takes an equal slice). Received: batch_size={batch_size}, "
+            f"num_shards={num_shards}"
+        )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            "`shard_index` must be in [0, num_shards). Received: "
+            f"shard_index={shard_index}, num_shards={num_shards}"
+        )
+    if seed < 0 or start_step < 0:
+        raise ValueError(
+            "`seed` and `start_step` must be >= 0. Received: "
+            f"seed={seed}, start_step={start_step}"
+        )
+
+
 def make_dataset(
     files_or_tokens,
     sequence_length,
@@ -562,27 +588,9 @@ def make_dataset(
         FileNotFoundError: a file does not exist; the message names it.
         OSError: a file cannot be read; the message names it.
     """
-    if sequence_length < 1 or batch_size < 1:
-        raise ValueError(
-            "`sequence_length` and `batch_size` must be >= 1. Received: "
-            f"sequence_length={sequence_length}, batch_size={batch_size}"
-        )
-    if num_shards < 1 or batch_size % num_shards:
-        raise ValueError(
-            "`batch_size` must be a multiple of `num_shards` (each shard "
-            f"takes an equal slice). Received: batch_size={batch_size}, "
-            f"num_shards={num_shards}"
-        )
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(
-            "`shard_index` must be in [0, num_shards). Received: "
-            f"shard_index={shard_index}, num_shards={num_shards}"
-        )
-    if seed < 0 or start_step < 0:
-        raise ValueError(
-            "`seed` and `start_step` must be >= 0. Received: "
-            f"seed={seed}, start_step={start_step}"
-        )
+    _check_dataset_arguments(
+        sequence_length, batch_size, seed, start_step, num_shards, shard_index
+    )
     if isinstance(files_or_tokens, np.ndarray):
         tokens = files_or_tokens.reshape(-1)
     else:
