@@ -171,7 +171,7 @@ class MTPBlock(keras.layers.Layer):
         training=None,
     ):
         check_length(hidden_states.shape[1], self.num_layers)
-        hidden = hidden_states  # (B, T, d)
+        hidden = hidden_states  # h^0, (B, T, d)
         # The teacher of `mtp_targets="main"`: the main head's input, h^0.
         teacher = ops.stop_gradient(hidden_states)
         if self.detach_trunk:
@@ -179,10 +179,41 @@ class MTPBlock(keras.layers.Layer):
         kernel = backbones.head_kernel(
             self.token_embedding, detach=self.detach_trunk
         )
+        normed = self._depth_chain(hidden, token_ids, padding_mask, training)
+        targets, weights = zip(
+            *(
+                mtp_ops.mtp_targets_and_weights(
+                    token_ids, padding_mask, k, segment_ids
+                )
+                for k in range(1, self.num_layers + 1)
+            )
+        )
+        if self.loss_chunk_size:
+            losses, accuracies, predictions = self._chunked_losses(
+                normed, kernel, targets, weights, teacher
+            )
+        else:
+            losses, accuracies, predictions = self._dense_losses(
+                normed, kernel, targets, weights, teacher
+            )
+        # losses, accuracies: (D,); predictions: (D, B, T)
+        self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
+        weights = ops.stack(weights)  # (D, B, T)
+        return {
+            "losses": losses,
+            "accuracies": accuracies,
+            "tokens": ops.sum(weights, axis=(1, 2)),  # (D,)
+            "predictions": predictions,
+            "weights": weights,
+        }
 
-        def head(h, kernel):  # the shared output head
-            return backbones.apply_head(self.token_embedding, h, kernel)
+    def _head(self, hidden_states, kernel):
+        """The shared output head: logits of `hidden_states` through
+        `kernel`."""
+        return backbones.apply_head(self.token_embedding, hidden_states, kernel)
 
+    def _depth_chain(self, hidden, token_ids, padding_mask, training):
+        """`Norm_k(h^k)` for `k = 1..D`, each `(B, T, d)`, from `h^0`."""
         depths = range(1, self.num_layers + 1)
         # One lookup for every depth (x[i + k], 0 id beyond the end), so the
         # embedding's gradient is one (V, d) scatter, not one per depth.
@@ -201,61 +232,51 @@ class MTPBlock(keras.layers.Layer):
                 hidden, embeddings[k - 1], padding_mask, training=training
             )
             normed.append(hidden_normed)  # Norm_k(h^k), (B, T, d)
-        targets, weights = zip(
-            *(
-                mtp_ops.mtp_targets_and_weights(
-                    token_ids, padding_mask, k, segment_ids
-                )
-                for k in depths
-            )
+        return normed
+
+    def _chunked_losses(self, normed, kernel, targets, weights, teacher):
+        """`(losses, accuracies, predictions)` of every depth, a chunk of
+        `loss_chunk_size` tokens at a time (no `(B, T, V)` logits)."""
+        depths = range(1, self.num_layers + 1)
+        # All depths in one chunked pass: one (d, V) head gradient. The
+        # teacher logits z^0_{i+k} are made per chunk from h^0_{i+k}.
+        teachers = None
+        if self.mtp_targets == "main":
+            teachers = ops.stack(
+                [mtp_ops.roll_and_mask(teacher, -k) for k in depths]
+            )  # (D, B, T, d)
+        return mtp_ops.chunked_cross_entropy(
+            ops.stack(normed),
+            kernel,
+            ops.stack(targets),
+            ops.stack(weights),
+            self.loss_chunk_size,
+            head=self._head,
+            teacher_hidden_states=teachers,
+            return_predictions=True,
         )
+
+    def _dense_losses(self, normed, kernel, targets, weights, teacher):
+        """`(losses, accuracies, predictions)` of every depth from its full
+        `(B, T, V)` logits."""
+        depths = range(1, self.num_layers + 1)
         distill = self.mtp_targets == "main"
-        if self.loss_chunk_size:
-            # All depths in one chunked pass: one (d, V) head gradient. The
-            # teacher logits z^0_{i+k} are made per chunk from h^0_{i+k}.
-            teachers = None
+        if distill:  # z^0 under stop-gradient, (B, T, V)
+            main_logits = self._head(teacher, ops.stop_gradient(kernel))
+        losses, accuracies, predictions = [], [], []
+        for k, h, t, w in zip(depths, normed, targets, weights):
+            logits = self._head(h, kernel)  # (B, T, V)
             if distill:
-                teachers = ops.stack(
-                    [mtp_ops.roll_and_mask(teacher, -k) for k in depths]
-                )  # (D, B, T, d)
-            losses, accuracies, predictions = mtp_ops.chunked_cross_entropy(
-                ops.stack(normed),
-                kernel,
-                ops.stack(targets),
-                ops.stack(weights),
-                self.loss_chunk_size,
-                head=head,
-                teacher_hidden_states=teachers,
-                return_predictions=True,
-            )
-        else:
-            if distill:  # z^0 under stop-gradient, (B, T, V)
-                main_logits = head(teacher, ops.stop_gradient(kernel))
-            losses, accuracies, predictions = [], [], []
-            for k, h, t, w in zip(depths, normed, targets, weights):
-                logits = head(h, kernel)  # (B, T, V)
-                if distill:
-                    ce = mtp_ops.soft_cross_entropy(
-                        logits, mtp_ops.roll_and_mask(main_logits, -k)
-                    )
-                    losses.append(mtp_ops.weighted_mean(ce, w))
-                else:
-                    losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
-                predictions.append(mtp_ops.top1(logits))
-                hits = ops.cast(predictions[-1] == t, "float32")
-                accuracies.append(mtp_ops.weighted_mean(hits, w))
-            losses, accuracies = ops.stack(losses), ops.stack(accuracies)
-            predictions = ops.stack(predictions)
-        # losses, accuracies: (D,); predictions: (D, B, T)
-        self.add_loss(ops.cast(self.loss_scale, "float32") * ops.mean(losses))
-        weights = ops.stack(weights)  # (D, B, T)
-        return {
-            "losses": losses,
-            "accuracies": accuracies,
-            "tokens": ops.sum(weights, axis=(1, 2)),  # (D,)
-            "predictions": predictions,
-            "weights": weights,
-        }
+                ce = mtp_ops.soft_cross_entropy(
+                    logits, mtp_ops.roll_and_mask(main_logits, -k)
+                )
+                losses.append(mtp_ops.weighted_mean(ce, w))
+            else:
+                losses.append(mtp_ops.masked_cross_entropy(logits, t, w))
+            predictions.append(mtp_ops.top1(logits))
+            hits = ops.cast(predictions[-1] == t, "float32")
+            accuracies.append(mtp_ops.weighted_mean(hits, w))
+        return ops.stack(losses), ops.stack(accuracies), ops.stack(predictions)
 
     def compute_output_spec(self, hidden_states, *args, **kwargs):
         spec = keras.KerasTensor((self.num_layers,), dtype="float32")

@@ -221,22 +221,24 @@ def _recurrent_layers(backbone):
     ]
 
 
-def _recurrent_call_with_cache(task, token_ids, cache, index):
-    """`task.call_with_cache` for a hybrid trunk (Qwen3.5), keeping every
-    intermediate recurrent state.
+def _hybrid_trunk(backbone, token_ids, cache, index, run_recurrent, steps=None):
+    """The main model's layers over `token_ids` for a hybrid trunk (Qwen3.5):
+    `(hidden, cache)`, the final norm's output and the new cache.
 
-    Full-attention layers run over the whole window against their key/value
-    cache. Recurrent layers (Gated DeltaNet) run token by token, through
-    keras-hub's own single-token step (what its `generate` runs), and their
-    conv and recurrent states after each token are stacked: the returned
-    cache is `(key_value, conv (W, ...), recurrent (W, ...))`, W the window
-    length, for `_select`.
+    The embeddings go through each layer with its slice of `cache`
+    `(key_value, conv, recurrent)`. Full-attention layers run over all of
+    `token_ids` at once, against their key/value cache at positions
+    `index ..`. Recurrent layers (Gated DeltaNet) run
+    `run_recurrent(layer, x, layer_key_value, layer_conv, layer_recurrent)`,
+    which returns the layer's output and its new conv and recurrent states:
+    `(B, ...)`, or with `steps` one per token, `(steps, B, ...)` (a
+    full-attention layer's states, unchanged, are then repeated `steps`
+    times). The returned cache stacks the layers: `(B, layers, ...)`, or
+    `(steps, B, layers, ...)`.
     """
-    backbone = task.backbone
     key_value, conv, recurrent = cache
-    width = token_ids.shape[1]
     x = backbone.token_embedding(token_ids)
-    new_key_value, conv_steps, recurrent_steps = [], [], []
+    new_key_value, new_conv, new_recurrent = [], [], []
     for i, (layer, is_recurrent) in enumerate(
         zip(backbone.transformer_layers, _recurrent_layers(backbone))
     ):
@@ -249,27 +251,59 @@ def _recurrent_call_with_cache(task, token_ids, cache, index):
             x, layer_kv, _, _ = layer.call_and_update_cache(
                 x, layer_kv, layer_conv, layer_rec, index
             )
-            convs, recs = [layer_conv] * width, [layer_rec] * width
+            if steps is not None:
+                layer_conv = ops.stack([layer_conv] * steps)
+                layer_rec = ops.stack([layer_rec] * steps)
         else:
-            outputs, convs, recs = [], [], []
-            for t in range(width):
-                y, _, layer_conv, layer_rec = layer.call_and_update_cache(
-                    x[:, t : t + 1], layer_kv, layer_conv, layer_rec, index + t
-                )
-                outputs.append(y)
-                convs.append(layer_conv)
-                recs.append(layer_rec)
-            x = ops.concatenate(outputs, axis=1)
+            x, layer_conv, layer_rec = run_recurrent(
+                layer, x, layer_kv, layer_conv, layer_rec
+            )
         new_key_value.append(layer_kv)
-        conv_steps.append(ops.stack(convs))
-        recurrent_steps.append(ops.stack(recs))
+        new_conv.append(layer_conv)
+        new_recurrent.append(layer_rec)
     hidden = backbones.final_norm(backbone)(x)
-    logits = backbone.token_embedding(hidden, reverse=True)
+    axis = 1 if steps is None else 2  # the layers' axis
     cache = (
         ops.stack(new_key_value, axis=1),
-        ops.stack(conv_steps, axis=2),  # (W, B, layers, ...)
-        ops.stack(recurrent_steps, axis=2),
+        ops.stack(new_conv, axis=axis),
+        ops.stack(new_recurrent, axis=axis),
     )
+    return hidden, cache
+
+
+def _recurrent_call_with_cache(task, token_ids, cache, index):
+    """`task.call_with_cache` for a hybrid trunk (Qwen3.5), keeping every
+    intermediate recurrent state.
+
+    Full-attention layers run over the whole window against their key/value
+    cache. Recurrent layers (Gated DeltaNet) run token by token, through
+    keras-hub's own single-token step (what its `generate` runs), and their
+    conv and recurrent states after each token are stacked: the returned
+    cache is `(key_value, conv (W, ...), recurrent (W, ...))`, W the window
+    length, for `_select`.
+    """
+    backbone = task.backbone
+    width = token_ids.shape[1]
+
+    def run_recurrent(layer, x, layer_kv, layer_conv, layer_rec):
+        outputs, convs, recs = [], [], []
+        for t in range(width):
+            y, _, layer_conv, layer_rec = layer.call_and_update_cache(
+                x[:, t : t + 1], layer_kv, layer_conv, layer_rec, index + t
+            )
+            outputs.append(y)
+            convs.append(layer_conv)
+            recs.append(layer_rec)
+        return (
+            ops.concatenate(outputs, axis=1),
+            ops.stack(convs),
+            ops.stack(recs),
+        )
+
+    hidden, cache = _hybrid_trunk(
+        backbone, token_ids, cache, index, run_recurrent, steps=width
+    )  # states (W, B, layers, ...)
+    logits = backbone.token_embedding(hidden, reverse=True)
     return logits, hidden, cache
 
 
@@ -286,49 +320,27 @@ def _recurrent_prefill(task, token_ids, count):
     """
     backbone = task.backbone
     batch, length = token_ids.shape
-    key_value, conv, recurrent = backbones.recurrent_cache(
+    cache = backbones.recurrent_cache(
         backbone, batch, length, task.compute_dtype
     )
-    x = backbone.token_embedding(token_ids)
-    new_key_value, new_conv, new_recurrent = [], [], []
-    for i, (layer, is_recurrent) in enumerate(
-        zip(backbone.transformer_layers, _recurrent_layers(backbone))
-    ):
-        layer_kv, layer_conv, layer_rec = (
-            key_value[:, i],
-            conv[:, i],
-            recurrent[:, i],
+
+    def run_recurrent(layer, x, layer_kv, layer_conv, layer_rec):
+        dim = x.shape[-1]
+
+        def step(t, carry):
+            outputs, state_conv, state_rec = carry
+            token = ops.slice(x, [0, t, 0], [batch, 1, dim])
+            y, _, state_conv, state_rec = layer.call_and_update_cache(
+                token, layer_kv, state_conv, state_rec, t
+            )
+            outputs = ops.slice_update(outputs, [0, t, 0], y)
+            return outputs, state_conv, state_rec
+
+        return ops.fori_loop(
+            0, count, step, (ops.zeros_like(x), layer_conv, layer_rec)
         )
-        if not is_recurrent:
-            x, layer_kv, _, _ = layer.call_and_update_cache(
-                x, layer_kv, layer_conv, layer_rec, 0
-            )
-        else:
-            inputs = x
-            width = inputs.shape[-1]
 
-            def step(t, carry, layer=layer, inputs=inputs, layer_kv=layer_kv):
-                outputs, state_conv, state_rec = carry
-                token = ops.slice(inputs, [0, t, 0], [batch, 1, width])
-                y, _, state_conv, state_rec = layer.call_and_update_cache(
-                    token, layer_kv, state_conv, state_rec, t
-                )
-                outputs = ops.slice_update(outputs, [0, t, 0], y)
-                return outputs, state_conv, state_rec
-
-            x, layer_conv, layer_rec = ops.fori_loop(
-                0, count, step, (ops.zeros_like(inputs), layer_conv, layer_rec)
-            )
-        new_key_value.append(layer_kv)
-        new_conv.append(layer_conv)
-        new_recurrent.append(layer_rec)
-    hidden = backbones.final_norm(backbone)(x)
-    cache = (
-        ops.stack(new_key_value, axis=1),
-        ops.stack(new_conv, axis=1),
-        ops.stack(new_recurrent, axis=1),
-    )
-    return hidden, cache
+    return _hybrid_trunk(backbone, token_ids, cache, 0, run_recurrent)
 
 
 # === Sampling ================================================================
@@ -955,6 +967,41 @@ def generate(
     seed=None,
 ):
     """`MTPCausalLM.generate`: returns `(outputs, stats)`."""
+    speculative, sampler, stop_token_ids = _generate_arguments(
+        model, speculative, sampler, seed, stop_token_ids
+    )
+    token_ids, prompt_mask = normalize_inputs(inputs, max_length)
+    decoders = _decoders(model)
+    # keras-hub's `generate` where it is this model's decoding, else our
+    # loop with no drafts (see `Family.keras_hub_generate`).
+    exact = backbones.family(model.backbone).keras_hub_generate is None
+    if speculative or not exact:
+        outputs, mask, counts = _generate_with_loop(
+            model,
+            decoders,
+            token_ids,
+            prompt_mask,
+            stop_token_ids,
+            speculative,
+            sampler,
+            seed,
+            exact=exact,
+        )
+    else:
+        outputs, mask = _generate_with_keras_hub(
+            decoders, token_ids, prompt_mask, stop_token_ids, sampler, seed
+        )
+        counts = None
+    outputs = np.asarray(ops.convert_to_numpy(outputs)).astype("int32")
+    mask = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+    stats = _generate_stats(prompt_mask, mask, counts)
+    return {"token_ids": outputs, "padding_mask": mask}, stats
+
+
+def _generate_arguments(model, speculative, sampler, seed, stop_token_ids):
+    """`generate`'s arguments checked: `(speculative, sampler,
+    stop_token_ids)`, with `"auto"` resolved, a keras-hub `Sampler` and a
+    tuple of ints (or None)."""
     if speculative == "auto":
         speculative = model.mtp_num_layers > 0
     if speculative and model.mtp_num_layers == 0:
@@ -965,74 +1012,109 @@ def generate(
     if seed is not None and not isinstance(seed, (int, np.integer)):
         raise ValueError(f"`seed` must be an int or None. Received: {seed!r}")
     sampler = get_sampler(sampler)
-    greedy = isinstance(sampler, keras_hub.samplers.GreedySampler)
     if stop_token_ids is not None:
         stop_token_ids = tuple(int(i) for i in stop_token_ids)
-    token_ids, prompt_mask = normalize_inputs(inputs, max_length)
+    return speculative, sampler, stop_token_ids
+
+
+def _decoders(model):
+    """The model's `_Decoders`, made on first use (kept in `__dict__`, out
+    of Keras' tracking)."""
     decoders = model.__dict__.get("_decoders")
     if decoders is None:
         decoders = _Decoders(model)
         model.__dict__["_decoders"] = decoders
-    lengths = prompt_mask.sum(axis=1)
-    first = int(lengths.min()) - 1
-    # keras-hub's `generate` where it is this model's decoding, else our
-    # loop with no drafts (see `Family.keras_hub_generate`).
-    exact = backbones.family(model.backbone).keras_hub_generate is None
-    if speculative or not exact:
-        if not greedy and type(sampler) not in SAMPLING:
-            raise ValueError(
-                "keras_mtp's decoding loop samples with "
-                + ", ".join(c.__name__ for c in SAMPLING)
-                + " or greedy"
-                + ("" if exact else " (keras-hub's generate is not exact here)")
-                + f". Received: sampler={type(sampler).__name__}"
+    return decoders
+
+
+def _generate_with_loop(
+    model,
+    decoders,
+    token_ids,
+    prompt_mask,
+    stop_token_ids,
+    speculative,
+    sampler,
+    seed,
+    exact,
+):
+    """Decoding with our loop (`_Loop`), drafting if `speculative`:
+    `(token_ids, padding_mask, counts)`, `counts` the loop's
+    `forward_passes`, `row_forward_passes` (summed over rows), `reached`
+    and `accepted` as Python ints. `exact`: whether keras-hub's generate
+    would have been this model's decoding (for the error message)."""
+    greedy = isinstance(sampler, keras_hub.samplers.GreedySampler)
+    if not greedy and type(sampler) not in SAMPLING:
+        raise ValueError(
+            "keras_mtp's decoding loop samples with "
+            + ", ".join(c.__name__ for c in SAMPLING)
+            + " or greedy"
+            + ("" if exact else " (keras-hub's generate is not exact here)")
+            + f". Received: sampler={type(sampler).__name__}"
+        )
+    if seed is None:
+        seed = 0
+        if not greedy:
+            seed = keras.random.randint(
+                (), 0, 2**31 - 1, seed=sampler.seed_generator
             )
-        if seed is None:
-            seed = 0
-            if not greedy:
-                seed = keras.random.randint(
-                    (), 0, 2**31 - 1, seed=sampler.seed_generator
-                )
-                seed = int(ops.convert_to_numpy(seed))
-        ragged = bool(lengths.max() > lengths.min())
-        function = decoders.speculative(
-            model,
-            stop_token_ids,
-            ragged,
-            None if speculative else 0,
-            None if greedy else sampler,
-        )
-        outputs, mask, raw = function(
-            token_ids, prompt_mask, np.asarray(seed % 2**31, "int32")
-        )
-        raw = {k: np.asarray(ops.convert_to_numpy(v)) for k, v in raw.items()}
-        forward_passes = int(raw["forward_passes"])
-        row_forwards = int(raw["row_forward_passes"].sum())
-        reached = raw["reached"].astype(int).tolist()
-        accepted = raw["accepted"].astype(int).tolist()
-    else:
-        task = decoders.keras_hub(sampler, seed)
-        result = keras_hub_generate(
-            task,
-            {"token_ids": token_ids, "padding_mask": prompt_mask},
-            stop_token_ids,
-        )
-        outputs, mask = result["token_ids"], result["padding_mask"]
-        reached, accepted = [], []
-    outputs = np.asarray(ops.convert_to_numpy(outputs)).astype("int32")
-    mask = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+            seed = int(ops.convert_to_numpy(seed))
+    lengths = prompt_mask.sum(axis=1)
+    ragged = bool(lengths.max() > lengths.min())
+    function = decoders.speculative(
+        model,
+        stop_token_ids,
+        ragged,
+        None if speculative else 0,
+        None if greedy else sampler,
+    )
+    outputs, mask, raw = function(
+        token_ids, prompt_mask, np.asarray(seed % 2**31, "int32")
+    )
+    raw = {k: np.asarray(ops.convert_to_numpy(v)) for k, v in raw.items()}
+    counts = {
+        "forward_passes": int(raw["forward_passes"]),
+        "row_forward_passes": int(raw["row_forward_passes"].sum()),
+        "reached": raw["reached"].astype(int).tolist(),
+        "accepted": raw["accepted"].astype(int).tolist(),
+    }
+    return outputs, mask, counts
+
+
+def _generate_with_keras_hub(
+    decoders, token_ids, prompt_mask, stop_token_ids, sampler, seed
+):
+    """Decoding with keras-hub's generate: `(token_ids, padding_mask)`."""
+    task = decoders.keras_hub(sampler, seed)
+    result = keras_hub_generate(
+        task,
+        {"token_ids": token_ids, "padding_mask": prompt_mask},
+        stop_token_ids,
+    )
+    return result["token_ids"], result["padding_mask"]
+
+
+def _generate_stats(prompt_mask, mask, counts):
+    """`generate`'s stats from the prompt and output masks (NumPy) and our
+    loop's `counts` (see `_generate_with_loop`), or None after keras-hub's
+    generate, which makes one main forward pass per position."""
+    first = int(prompt_mask.sum(axis=1).min()) - 1
     # Positions filled after the shortest prompt, up to each row's stop.
     positions = int((mask.sum(axis=1) - 1 - first).sum())
-    if not (speculative or not exact):
+    if counts is None:
         # One position per main forward pass in each row still generating.
-        forward_passes = int((mask.sum(axis=1) - 1).max()) - first
-        row_forwards = positions
-    stats = {
-        "forward_passes": forward_passes,
+        counts = {
+            "forward_passes": int((mask.sum(axis=1) - 1).max()) - first,
+            "row_forward_passes": positions,
+            "reached": [],
+            "accepted": [],
+        }
+    reached, accepted = counts["reached"], counts["accepted"]
+    return {
+        "forward_passes": counts["forward_passes"],
         "new_tokens": int((mask & ~prompt_mask.astype(bool)).sum()),
-        "tokens_per_forward": positions / max(row_forwards, 1),
+        "tokens_per_forward": positions / max(counts["row_forward_passes"], 1),
         "acceptance": [a / max(r, 1) for a, r in zip(accepted, reached)],
         "reached": reached,
         "accepted": accepted,
     }
-    return {"token_ids": outputs, "padding_mask": mask}, stats
