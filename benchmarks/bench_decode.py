@@ -433,9 +433,9 @@ def load_average():
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def main(args):
-    load_before = load_average()
-    trunk = QUICK_TRUNK if args.quick else TRUNK
+def model_and_prompts(args, trunk):
+    """The model (untrained with `--quick`, else trained by train.py) and
+    its prompts (random, or held out from training)."""
     if args.quick:
         model = untrained_model(trunk)
         prompts = np.random.default_rng(0).integers(
@@ -447,6 +447,39 @@ def main(args):
         model = keras.models.load_model(train(run_dir, trunk))
         count = max(args.prompts, max(args.batch_sizes))
         prompts = held_out_prompts(run_dir, count, args.prompt_length)
+    return model, prompts
+
+
+def layer_sweep(args, trunk, prompts, max_length, first_row):
+    """Step costs of untrained D=1 models of `--sweep-layers` layers, and the
+    speed-up they model with the trained model's tokens per forward."""
+    sweep = []
+    measured = first_row["tokens_per_forward"]
+    for layers in args.sweep_layers:
+        config = dict(trunk, num_layers=layers)
+        row = decode(
+            untrained_model(config, mtp_num_layers=1),
+            prompts[: args.prompts, None],
+            max_length,
+            args.rounds,
+        )
+        sweep.append(
+            {
+                "num_layers": layers,
+                "plain_ms_per_step": row["plain_ms_per_step"],
+                "speculative_ms_per_step": row["speculative_ms_per_step"],
+                "modelled_cpu_speedup": measured
+                * row["plain_ms_per_step"]
+                / row["speculative_ms_per_step"],
+            }
+        )
+    return sweep
+
+
+def main(args):
+    load_before = load_average()
+    trunk = QUICK_TRUNK if args.quick else TRUNK
+    model, prompts = model_and_prompts(args, trunk)
     max_length = args.prompt_length + args.new_tokens
     params = parameter_counts(model)
     report = {"depths": []}
@@ -485,26 +518,9 @@ def main(args):
             first, args.prompt_length, max_length, args.rounds
         ).items()
     }
-    report["layer_sweep"] = []
-    measured = report["depths"][0]["tokens_per_forward"]
-    for layers in args.sweep_layers:
-        config = dict(trunk, num_layers=layers)
-        row = decode(
-            untrained_model(config, mtp_num_layers=1),
-            prompts[: args.prompts, None],
-            max_length,
-            args.rounds,
-        )
-        report["layer_sweep"].append(
-            {
-                "num_layers": layers,
-                "plain_ms_per_step": row["plain_ms_per_step"],
-                "speculative_ms_per_step": row["speculative_ms_per_step"],
-                "modelled_cpu_speedup": measured
-                * row["plain_ms_per_step"]
-                / row["speculative_ms_per_step"],
-            }
-        )
+    report["layer_sweep"] = layer_sweep(
+        args, trunk, prompts, max_length, report["depths"][0]
+    )
     report["config"] = dict(
         backend=keras.config.backend(),
         model=(

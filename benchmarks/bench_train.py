@@ -198,33 +198,9 @@ def median_ratio(a, b):
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def run(args):
-    if keras.config.backend() != "jax":
-        sys.exit(
-            f"bench_train.py needs KERAS_BACKEND=jax, not "
-            f"{keras.config.backend()}"
-        )
-    sizes = QUICK if args.quick else FULL
-    chunk = args.chunk
-    if chunk is not None and not chunk_supported():
-        print(
-            "warning: this MTPCausalLM has no `loss_chunk_size`; "
-            "--chunk ignored",
-            file=sys.stderr,
-        )
-        chunk = None
-    chunks = [chunk]  # loss_chunk_size of each model built per (V, D)
-    if args.compare_chunk:
-        if not chunk_supported():
-            sys.exit("--compare-chunk: this MTPCausalLM has no chunked loss")
-        chunks = [None] + list(args.compare_chunk)
-    reference = None
-    if args.reference:
-        reference = load_reference()
-        if reference is None:
-            sys.exit(f"--reference: {REFERENCE_PATH} does not exist")
-
-    start = time.perf_counter()
+def build_configs(args, sizes, chunks, reference):
+    """One model per (V, D, chunk), built, compiled and warmed up before any
+    timing, with its step function (and the reference's, if any)."""
     configs = []  # built, compiled and warmed up before any timing
     for vocab in args.vocab:
         batch = make_batch(sizes, vocab)
@@ -262,14 +238,16 @@ def run(args):
                 f"{compile_s:.1f} s",
                 file=sys.stderr,
             )
-    setup_s = time.perf_counter() - start
+    return configs
 
+
+def time_rounds(args, configs, reference):
+    """Appends each round's wall and CPU time per step to every config."""
     runs = [(c, "step") for c in configs]
     if reference is not None:
         runs += [(c, "reference_step") for c in configs]
     for c, key in runs:
         c[key + "_wall"], c[key + "_cpu"] = [], []
-    t = time.perf_counter()
     for r in range(args.rounds):
         # Alternate the order so that drift in machine load hits every
         # config alike: forward on even rounds, backward on odd ones.
@@ -278,8 +256,10 @@ def run(args):
             c[key + "_wall"].append(wall)
             c[key + "_cpu"].append(cpu)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    timing_s = time.perf_counter() - t
 
+
+def summarize(args, sizes, configs, reference):
+    """One row of medians and paired ratios per config."""
     tokens = sizes.batch_size * sizes.sequence_length
     base = {(c["vocab"], c["chunk"]): c for c in configs if c["depth"] == 0}
     dense = {(c["vocab"], c["depth"]): c for c in configs if not c["chunk"]}
@@ -341,6 +321,42 @@ def run(args):
                 c["step_cpu"], c["reference_step_cpu"]
             )
         rows.append(row)
+    return rows
+
+
+def run(args):
+    if keras.config.backend() != "jax":
+        sys.exit(
+            f"bench_train.py needs KERAS_BACKEND=jax, not "
+            f"{keras.config.backend()}"
+        )
+    sizes = QUICK if args.quick else FULL
+    chunk = args.chunk
+    if chunk is not None and not chunk_supported():
+        print(
+            "warning: this MTPCausalLM has no `loss_chunk_size`; "
+            "--chunk ignored",
+            file=sys.stderr,
+        )
+        chunk = None
+    chunks = [chunk]  # loss_chunk_size of each model built per (V, D)
+    if args.compare_chunk:
+        if not chunk_supported():
+            sys.exit("--compare-chunk: this MTPCausalLM has no chunked loss")
+        chunks = [None] + list(args.compare_chunk)
+    reference = None
+    if args.reference:
+        reference = load_reference()
+        if reference is None:
+            sys.exit(f"--reference: {REFERENCE_PATH} does not exist")
+
+    start = time.perf_counter()
+    configs = build_configs(args, sizes, chunks, reference)
+    setup_s = time.perf_counter() - start
+    t = time.perf_counter()
+    time_rounds(args, configs, reference)
+    timing_s = time.perf_counter() - t
+    rows = summarize(args, sizes, configs, reference)
 
     result = dict(
         config=dict(
