@@ -1335,7 +1335,13 @@ def apply_head(token_embedding, hidden_states, kernel):
     hidden_states = ops.cast(hidden_states, dtype)
     kernel = ops.cast(kernel, dtype)
     if token_embedding.tie_weights:  # kernel (V, d)
-        logits = ops.einsum("...d,vd->...v", hidden_states, kernel)
+        # Rank 2, not "...d,vd->...v": TensorFlow's gradient of that einsum
+        # builds a (V, d, ...) tensor: 18x slower at V=2048, d=64 and out of
+        # memory (31 GiB) for 1024 tokens at V=32000, d=256.
+        leading = ops.shape(hidden_states)[:-1]
+        flat = ops.reshape(hidden_states, (-1, hidden_states.shape[-1]))
+        logits = ops.einsum("nd,vd->nv", flat, kernel)
+        logits = ops.reshape(logits, (*leading, kernel.shape[0]))
     else:  # kernel (d, V)
         logits = ops.matmul(hidden_states, kernel)
     cap = token_embedding.logit_soft_cap

@@ -86,3 +86,38 @@ def test_dense_growth_is_at_most_one_head_and_one_block_per_depth(budget):
         assert growth <= depth * (budget["logits"] + budget["block"])
         chunked = temp_bytes(depth, chunk=256) - budget["chunked_base"]
         assert growth > chunked
+
+
+def test_tied_head_gradient_has_no_batch_by_vocabulary_by_width_tensor():
+    """TensorFlow's gradient of `einsum("...d,vd->...v")` builds a
+    `(..., V, d)` tensor (31 GiB for 1024 tokens at V=32000, d=256: an
+    out-of-memory error); the head contracts a rank-2 view instead."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("a TensorFlow gradient graph; JAX's is pinned above")
+    import tensorflow as tf
+
+    from keras_mtp import backbones
+
+    vocabulary, width = 37, 8
+    embedding = keras_hub.layers.ReversibleEmbedding(vocabulary, width)
+    embedding.build((None,))
+    hidden = tf.ones((2, 3, 5, width))  # (D, B, T, d), as chunks are
+
+    @tf.function
+    def gradients(hidden):
+        kernel = backbones.head_kernel(embedding)
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            logits = backbones.apply_head(embedding, hidden, kernel)
+            loss = tf.reduce_sum(tf.nn.log_softmax(logits))
+        return tape.gradient(loss, [hidden, embedding.embeddings])
+
+    graph = gradients.get_concrete_function(hidden).graph
+    shapes = [
+        tuple(t.shape) for op in graph.get_operations() for t in op.outputs
+    ]
+    assert (2, 3, 5, vocabulary) in shapes  # the logits: the graph is read
+    too_big = [
+        s for s in shapes if len(s) > 2 and vocabulary in s and width in s
+    ]
+    assert not too_big, too_big
