@@ -472,8 +472,10 @@ def example_rows(indices, num_rows, seed=0, shuffle=True):
     # One seed per index, `(seed, p, 0)`, given to the raw op:
     # `tf.random.experimental.index_shuffle` turns an `[n, 2]` seed into
     # `[n + 1, 2]`, not `[n, 3]` (TF 2.21).
-    seed = tf.fill(tf.shape(passes), tf.cast(seed, "int64"))
-    seeds = tf.stack([seed, passes, tf.zeros_like(passes)], axis=-1)
+    seeds = tf.stack(
+        [tf.fill(tf.shape(passes), tf.cast(seed, "int64")), passes, 0 * passes],
+        axis=-1,
+    )
     max_index = tf.fill(tf.shape(rows), tf.cast(num_rows - 1, "int64"))
     return tf.raw_ops.RandomIndexShuffle(
         index=rows, seed=seeds, max_index=max_index, rounds=4
