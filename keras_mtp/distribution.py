@@ -34,6 +34,7 @@ import keras
 import keras_hub
 
 from keras_mtp import backbones
+from keras_mtp.mtp_block import check_int
 
 # The mesh-axis placeholders of the rules in `keras_mtp.backbones.FAMILIES`.
 _MODEL = backbones.MODEL
@@ -94,8 +95,8 @@ def get_layout_map(
             in `keras_mtp.backbones.FAMILY_NAMES` (e.g. `"llama"`), or its
             serialized config (`keras.saving.serialize_keras_object(backbone)`
             or a preset's `config.json`).
-        mtp_num_layers: int. The number of MTP depths D; 0 maps the backbone
-            alone.
+        mtp_num_layers: int (a NumPy integer too). The number of MTP depths
+            D; 0 maps the backbone alone.
         model_parallel_dim_name: str. The mesh axis that shards the weights
             (tensor, vocabulary and expert parallelism).
         data_parallel_dim_name: str. The mesh axis that shards the batch;
@@ -108,8 +109,8 @@ def get_layout_map(
     Raises:
         ValueError: if `device_mesh` is not a `DeviceMesh`, `backbone` is no
             supported backbone class, family or config, `mtp_num_layers` is
-            not a non-negative integer, an axis name is not one of the
-            mesh's, or the two names are equal.
+            not an integer >= 0, an axis name is not one of the mesh's, or
+            the two names are equal.
 
     Example:
 
@@ -157,15 +158,8 @@ def get_layout_map(
             f"type {type(device_mesh).__name__}"
         )
     family = _family(backbone)
-    if (
-        not isinstance(mtp_num_layers, int)
-        or isinstance(mtp_num_layers, bool)
-        or mtp_num_layers < 0
-    ):
-        raise ValueError(
-            "`mtp_num_layers` must be a non-negative integer. Received: "
-            f"mtp_num_layers={mtp_num_layers!r}"
-        )
+    # The integers `MTPCausalLM` takes (NumPy's too, never a bool).
+    mtp_num_layers = check_int(mtp_num_layers, "mtp_num_layers")
     axis_names = list(device_mesh.axis_names)
     for arg, value in (
         ("model_parallel_dim_name", model_parallel_dim_name),

@@ -226,6 +226,27 @@ def test_errors_name_the_bad_value():
         check_layout_map(model, {})
 
 
+def test_mtp_num_layers_takes_the_integers_mtp_causal_lm_takes():
+    """One integer check for the package: a NumPy integer (as from a
+    config array) is a depth count here as in `MTPCausalLM`; a bool, a
+    float or a negative count is refused, naming the value."""
+    mesh = make_mesh((1, 1))
+
+    def axes(layout_map):
+        return {key: layout_map[key].axes for key in layout_map}
+
+    expected = axes(get_layout_map(mesh, "llama", mtp_num_layers=2))
+    for depths in (np.int64(2), np.int32(2), np.uint8(2)):
+        assert axes(get_layout_map(mesh, "llama", depths)) == expected
+    for bad, received in [
+        (np.int64(-1), "mtp_num_layers=np.int64(-1)"),
+        (True, "mtp_num_layers=True"),
+        (2.0, "mtp_num_layers=2.0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(received)):
+            get_layout_map(mesh, "llama", mtp_num_layers=bad)
+
+
 # === Sharded from the first byte =============================================
 
 
