@@ -108,7 +108,7 @@ def list_corpus_files(path_or_glob=None):
 
     Raises:
         FileNotFoundError: `path_or_glob` is not a glob and does not exist.
-        ValueError: nothing matched.
+        ValueError: nothing matched, or every file is empty (0 bytes).
     """
     if path_or_glob is None:
         return default_corpus_files()
@@ -131,7 +131,29 @@ def list_corpus_files(path_or_glob=None):
         raise FileNotFoundError(f"Corpus path not found: {path_or_glob}")
     if not files:
         raise ValueError(f"No corpus files found for: {path_or_glob}")
+    if all(_size(file) == 0 for file in files):
+        raise ValueError(
+            f"The corpus {path_or_glob} is empty: its {len(files)} file(s) "
+            "hold 0 bytes."
+        )
     return sorted(files)
+
+
+def _size(path):
+    """The size of `path` in bytes, or None if it cannot be read (such a
+    file fails where it is read, naming itself)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _describe(files):
+    """`1 file PATH holds` / `N files under DIR hold`, for messages."""
+    if len(files) == 1:
+        return f"1 file {files[0]} holds"
+    where = os.path.commonpath([os.path.abspath(file) for file in files])
+    return f"{len(files)} files under {where} hold"
 
 
 def split_files(files, validation_fraction=0.05, seed=0):
@@ -399,8 +421,8 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
     Raises:
         FileNotFoundError: a file does not exist; the message names it.
         OSError: a file cannot be read; the message names it.
-        ValueError: the corpus has no tokens, or the tokenizer keeps less
-            than half of its bytes.
+        ValueError: the corpus has no tokens or no bytes (empty files),
+            or the tokenizer keeps less than half of its bytes.
     """
     files = [os.fspath(path) for path in files]
     path = _cache_path(files, os.path.expanduser(cache_dir), tokenizer)
@@ -421,6 +443,11 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
                 raise ValueError(
                     f"The corpus has 0 tokens ({len(files)} files): nothing "
                     "to train on."
+                )
+            if num_bytes == 0:  # only separators: no text at all
+                raise ValueError(
+                    f"The corpus is empty: {_describe(files)} 0 bytes, "
+                    "nothing to train on."
                 )
             if num_kept < MIN_KEPT_SHARE * num_bytes:
                 raise ValueError(

@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import re
 import weakref
 
 import numpy as np
@@ -416,6 +417,31 @@ def test_list_corpus_files_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         data.list_corpus_files(str(tmp_path / "empty"))
+
+
+def test_empty_corpus_is_named(tmp_path, cache):
+    """Files of 0 bytes hold no text: an error that says so and names the
+    path, not a division by zero where the share of bytes kept is computed
+    (train.py's corpus line)."""
+    empty = tmp_path / "empty"
+    for name in ("a.txt", "b.txt", "sub/c.py"):
+        write(empty / name, b"")
+    for path in (str(empty), str(empty / "**" / "*.py")):
+        with pytest.raises(ValueError) as error:
+            data.list_corpus_files(path)
+        assert f"corpus {path} is empty" in str(error.value)
+    # Given the files (as make_dataset is), no token file is written.
+    files = [str(empty / "a.txt"), str(empty / "sub" / "c.py")]
+    where = re.escape(f"2 files under {empty} hold 0 bytes")
+    with pytest.raises(ValueError, match=where):
+        data.prepare_tokens(files, cache)
+    where = re.escape(f"1 file {empty / 'a.txt'} holds 0 bytes")
+    with pytest.raises(ValueError, match=where):
+        data.make_dataset(files[:1], 4, batch_size=1, cache_dir=cache)
+    assert not os.path.exists(cache) or os.listdir(cache) == []
+    # One byte is a corpus.
+    write(empty / "b.txt", b"x")
+    assert len(data.list_corpus_files(str(empty))) == 3
 
 
 def test_split_files_deterministic_and_non_empty():
