@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -47,7 +48,10 @@ BACKBONES = backbones.FAMILY_NAMES
 
 
 def knob(default, help, **metadata):
-    """A config field with its `--help` text (and optional `choices`)."""
+    """A config field with its `--help` text, optional `choices` and, for a
+    number, its range: `minimum` / `maximum` (inclusive) and
+    `exclusive_minimum` / `exclusive_maximum`, as in JSON Schema.
+    `check_range` enforces it on flags, config files and `Config(...)`."""
     return dataclasses.field(
         default=default, metadata=dict(help=help, **metadata)
     )
@@ -61,14 +65,18 @@ class Config:
     backbone: str = knob(
         "llama", "keras-hub backbone family.", choices=BACKBONES
     )
-    hidden_dim: int = knob(64, "Model width d.")
-    num_layers: int = knob(2, "Decoder layers of the backbone.")
-    num_heads: int = knob(4, "Attention (query) heads.")
-    intermediate_dim: int = knob(128, "Feed-forward width.")
+    hidden_dim: int = knob(64, "Model width d.", minimum=1)
+    num_layers: int = knob(2, "Decoder layers of the backbone.", minimum=1)
+    num_heads: int = knob(4, "Attention (query) heads.", minimum=1)
+    intermediate_dim: int = knob(128, "Feed-forward width.", minimum=1)
     # MTP
-    mtp_num_layers: int = knob(2, "MTP depths D (0 = plain causal LM).")
+    mtp_num_layers: int = knob(
+        2, "MTP depths D (0 = plain causal LM).", minimum=0
+    )
     mtp_loss_scaling_factor: float = knob(
-        0.1, "λ for the constant schedule: loss = main + λ · L_mtp."
+        0.1,
+        "λ for the constant schedule: loss = main + λ · L_mtp.",
+        minimum=0,
     )
     mtp_schedule: str = knob(
         "constant",
@@ -77,12 +85,17 @@ class Config:
         choices=("constant", "deepseek"),
     )
     mtp_schedule_switch: float = knob(
-        0.7, "Fraction of the steps after which the deepseek λ drops."
+        0.7,
+        "Fraction of the steps after which the deepseek λ drops (0: 0.1 "
+        "throughout, 1: 0.3 throughout).",
+        minimum=0,
+        maximum=1,
     )
     loss_chunk_size: typing.Optional[int] = knob(
         None,
         "Compute every head's loss in chunks of this many tokens (no "
         "(B, T, V) logits: large vocabularies).",
+        minimum=1,
     )
     # data
     data: typing.Optional[str] = knob(
@@ -92,9 +105,16 @@ class Config:
         "bytes",
         "bytes, a SentencePiece .model file, or bpe:VOCAB_JSON,MERGES_TXT.",
     )
-    validation_fraction: float = knob(0.05, "Share of files for validation.")
-    sequence_length: int = knob(128, "Tokens per example.")
-    batch_size: int = knob(16, "Examples per step (global, all devices).")
+    validation_fraction: float = knob(
+        0.05,
+        "Share of files for validation.",
+        exclusive_minimum=0,
+        exclusive_maximum=1,
+    )
+    sequence_length: int = knob(128, "Tokens per example.", minimum=1)
+    batch_size: int = knob(
+        16, "Examples per step (global, all devices).", minimum=1
+    )
     packing: bool = knob(
         False,
         "Add segment_ids so no loss crosses a document boundary. Attention "
@@ -102,18 +122,34 @@ class Config:
         "sees the earlier documents of its row.",
     )
     # optimization
-    steps: int = knob(1200, "Training steps.")
-    learning_rate: float = knob(3e-3, "Peak Adam learning rate.")
-    warmup_steps: int = knob(30, "Linear warmup steps from 0 to the peak.")
+    steps: int = knob(1200, "Training steps.", minimum=1)
+    learning_rate: float = knob(
+        3e-3, "Peak Adam learning rate.", exclusive_minimum=0
+    )
+    warmup_steps: int = knob(
+        30, "Linear warmup steps from 0 to the peak.", minimum=0
+    )
     min_learning_rate_ratio: float = knob(
-        0.1, "Cosine decay ends at this fraction of the peak."
+        0.1,
+        "Cosine decay ends at this fraction of the peak.",
+        minimum=0,
+        maximum=1,
     )
-    eval_interval: int = knob(300, "Steps between evaluations/checkpoints.")
-    eval_steps: int = knob(10, "Validation batches per evaluation.")
+    eval_interval: int = knob(
+        300, "Steps between evaluations/checkpoints.", minimum=1
+    )
+    eval_steps: int = knob(10, "Validation batches per evaluation.", minimum=1)
     log_interval: int = knob(
-        20, "Steps per row of train_losses.csv (the curves of losses.png)."
+        20,
+        "Steps per row of train_losses.csv (the curves of losses.png).",
+        minimum=1,
     )
-    seed: int = knob(0, "Seed of the weights, the split and the data order.")
+    seed: int = knob(
+        0,
+        "Seed of the weights, the split and the data order.",
+        minimum=0,
+        maximum=2**32 - 1,  # keras.utils.set_random_seed's range
+    )
     output_dir: str = knob("runs/default", "Where everything is written.")
     # distribution (JAX)
     distribution: str = knob(
@@ -129,14 +165,22 @@ class Config:
         "KERAS_DISTRIBUTION_JOB_ADDRESSES).",
     )
     num_processes: typing.Optional[int] = knob(
-        None, "Multi-host: number of processes (or env ..._NUM_PROCESSES)."
+        None,
+        "Multi-host: number of processes (or env ..._NUM_PROCESSES).",
+        minimum=1,
     )
     process_id: typing.Optional[int] = knob(
-        None, "Multi-host: this process (or env ..._PROCESS_ID)."
+        None, "Multi-host: this process (or env ..._PROCESS_ID).", minimum=0
     )
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_range(field, getattr(self, field.name))
 
 
 # -----------------------------------------------------------------------------
+
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
 
 def _field_type(field):
@@ -146,8 +190,84 @@ def _field_type(field):
     return kind
 
 
+def _range_text(field):
+    """`field`'s range as text (`an int >= 1`, `a finite float in (0, 1)`),
+    or None for a field that is not a number."""
+    kind = _field_type(field)
+    if kind not in (int, float):
+        return None
+    m = field.metadata
+    low = high = None
+    if "minimum" in m:
+        low = ("[", ">=", m["minimum"])
+    elif "exclusive_minimum" in m:
+        low = ("(", ">", m["exclusive_minimum"])
+    if "maximum" in m:
+        high = ("]", "<=", m["maximum"])
+    elif "exclusive_maximum" in m:
+        high = (")", "<", m["exclusive_maximum"])
+    text = "an int" if kind is int else "a finite float"
+    if low and high:
+        text += f" in {low[0]}{low[2]}, {high[2]}{high[0]}"
+    elif low or high:
+        _, sign, bound = low or high
+        text += f" {sign} {bound}"
+    return text + (" (or None)" if field.default is None else "")
+
+
+def check_range(field, value):
+    """A `ValueError` naming the field and the value unless `value` is of
+    `field`'s numeric type (an int, no bool; a finite float) in its range
+    (`knob`'s `minimum`, `maximum`, `exclusive_minimum`,
+    `exclusive_maximum`). Other fields, and None for an optional one, pass.
+    """
+    kind = _field_type(field)
+    if kind not in (int, float) or (value is None and field.default is None):
+        return
+    m = field.metadata
+    valid = (
+        isinstance(value, numbers.Integral if kind is int else numbers.Real)
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+        and value >= m.get("minimum", -math.inf)
+        and value > m.get("exclusive_minimum", -math.inf)
+        and value <= m.get("maximum", math.inf)
+        and value < m.get("exclusive_maximum", math.inf)
+    )
+    if not valid:
+        raise ValueError(
+            f"`{field.name}` must be {_range_text(field)}. Received: "
+            f"{field.name}={value!r}"
+        )
+
+
+def _help(field):
+    """The `--help` text of `field`, with its range."""
+    text = _range_text(field)
+    return field.metadata["help"] + (f" ({text})" if text else "")
+
+
+def _flag_type(field):
+    """What parses `--field=TEXT` (and a config file's value, as that
+    text): the field's type, then `check_range`, so a flag and a file are
+    refused alike, with argparse's message and before anything is built."""
+    kind = _field_type(field)
+    parse = _parse_bool if kind is bool else kind
+
+    def parse_and_check(text):
+        value = parse(text)  # ValueError: argparse's "invalid int value"
+        try:
+            check_range(field, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse_and_check.__name__ = parse.__name__  # argparse names the type
+    return parse_and_check
+
+
 def _field_default(name):
-    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
+    return _FIELDS[name].default
 
 
 def _parse_bool(text):
@@ -160,7 +280,7 @@ def _parse_bool(text):
 
 def load_config_file(path):
     """The fields set in a JSON or YAML file, by name (checked against
-    `Config`'s names here, against its types and choices by
+    `Config`'s names here, against its types, choices and ranges by
     `parse_config`)."""
     with open(path) as f:
         if path.endswith((".yaml", ".yml")):
@@ -191,18 +311,18 @@ def parse_config(argv=None):
         "--config", help="JSON or YAML file of fields (flags override it)."
     )
     for field in dataclasses.fields(Config):
-        kind = _field_type(field)
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
-            type=_parse_bool if kind is bool else kind,
+            type=_flag_type(field),
             default=field.default,
             choices=field.metadata.get("choices"),
-            help=field.metadata["help"],
+            help=_help(field),
         )
     # A file value passes exactly its flag's checks: it is parsed as the
-    # text `--field=value` would be (`steps: 20.5` and `mtp_schedule:
-    # DeepSeek` fail as the flags do). `null` keeps an optional default.
+    # text `--field=value` would be (`steps: 20.5`, `steps: 0` and
+    # `mtp_schedule: DeepSeek` fail as the flags do). `null` keeps an
+    # optional default.
     defaults = {}
     parser.exit_on_error = False  # raise ArgumentError: the file is named
     for name, value in from_file.items():

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -230,6 +231,99 @@ def test_config_file_values_pass_the_flags_checks(tmp_path, capsys):
     assert (config.steps, config.packing) == (20, True)
     assert config.learning_rate == 1.0 and type(config.learning_rate) is float
     assert config.loss_chunk_size is None
+
+
+# A value out of range for every numeric knob (the first three
+# included): refused by parse_config, as a flag and from a config file, and
+# by Config itself, naming the field and the value; nothing is built.
+OUT_OF_RANGE = [
+    ("steps", "-3"),
+    ("eval_interval", "0"),
+    ("eval_steps", "0"),
+    ("steps", "0"),
+    ("hidden_dim", "0"),
+    ("num_layers", "0"),
+    ("num_heads", "0"),
+    ("intermediate_dim", "0"),
+    ("mtp_num_layers", "-1"),
+    ("mtp_loss_scaling_factor", "-0.1"),
+    ("mtp_loss_scaling_factor", "nan"),
+    ("mtp_schedule_switch", "-0.1"),
+    ("mtp_schedule_switch", "1.5"),
+    ("loss_chunk_size", "0"),
+    ("validation_fraction", "0.0"),
+    ("validation_fraction", "1.0"),
+    ("sequence_length", "0"),
+    ("batch_size", "0"),
+    ("learning_rate", "0.0"),
+    ("learning_rate", "inf"),
+    ("warmup_steps", "-1"),
+    ("min_learning_rate_ratio", "-0.1"),
+    ("min_learning_rate_ratio", "1.5"),
+    ("log_interval", "0"),
+    ("seed", "-1"),
+    ("seed", "4294967296"),
+    ("num_processes", "0"),
+    ("process_id", "-1"),
+]
+
+
+def numeric_fields(train):
+    return [
+        field.name
+        for field in dataclasses.fields(train.Config)
+        if train._field_type(field) in (int, float)
+    ]
+
+
+@pytest.mark.parametrize("name, text", OUT_OF_RANGE)
+def test_out_of_range_values_are_refused_before_anything_is_built(
+    name, text, tmp_path, capsys
+):
+    sys.path.insert(0, ROOT)
+    import train
+
+    received = f"Received: {name}={text}"
+    flag = f"--{name.replace('_', '-')}={text}"
+    with pytest.raises(SystemExit):
+        train.parse_config([flag])
+    error = capsys.readouterr().err
+    assert f"`{name}` must be" in error and received in error, error
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{name}: {text}\n")
+    with pytest.raises(SystemExit):
+        train.parse_config([f"--config={path}"])
+    error = capsys.readouterr().err
+    assert received in error and "run.yaml" in error, error
+    value = train._field_type(train._FIELDS[name])(text)
+    with pytest.raises(ValueError, match=re.escape(received)):
+        train.Config(**{name: value})
+
+
+def test_every_numeric_knob_has_its_range():
+    sys.path.insert(0, ROOT)
+    import train
+
+    assert sorted(numeric_fields(train)) == sorted(
+        {name for name, _ in OUT_OF_RANGE}
+    )
+    # Each range's closed ends are values a run takes.
+    config = train.parse_config(
+        [
+            "--mtp-num-layers=0",
+            "--mtp-loss-scaling-factor=0",
+            "--mtp-schedule-switch=1",
+            "--min-learning-rate-ratio=0",
+            "--warmup-steps=0",
+            "--seed=4294967295",
+            "--steps=1",
+            "--loss-chunk-size=1",
+            "--process-id=0",
+        ]
+    )
+    assert (config.mtp_num_layers, config.seed) == (0, 2**32 - 1)
+    train.Config(mtp_schedule_switch=0.0, min_learning_rate_ratio=1.0)
+    assert "(an int >= 1)" in train._help(train._FIELDS["steps"])
 
 
 # Runs train.py and exits like a SIGKILL right after the checkpoint of the
