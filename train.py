@@ -585,8 +585,10 @@ def restore_checkpoint(model, directory):
     """Loads the newest checkpoint of `directory` that loads into `model`:
     weights, optimizer state (its step included) and λ, resharded onto the
     current distribution. One that fails to load (corrupt) is reported and
-    the one before it tried; if none loads, a `ValueError` says why, never
-    a silent restart from step 0. Returns the checkpoint's number or None.
+    the one before it tried; once one loads, those that failed are moved
+    aside (`set_aside`), since Orbax refuses to write their numbers again.
+    If none loads, a `ValueError` says why, never a silent restart from
+    step 0, and nothing is moved. Returns the checkpoint's number or None.
     """
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
@@ -595,17 +597,47 @@ def restore_checkpoint(model, directory):
         path = os.path.join(directory, str(number))
         try:
             load_checkpoint(model, path)
-            return number
         except Exception as e:  # corrupt, truncated or foreign files
-            failures.append(f"{path}: {type(e).__name__}: {e}")
-            print(f"Cannot restore {failures[-1]}", file=sys.stderr)
+            failures.append((path, f"{path}: {type(e).__name__}: {e}"))
+            print(f"Cannot restore {failures[-1][1]}", file=sys.stderr)
+            continue
+        for failed, _ in failures:
+            set_aside(failed, directory)
+        return number
     if failures:
         raise ValueError(
             f"No checkpoint in {directory} can be restored, so the run "
             "cannot resume; move the directory away to start afresh.\n"
-            + "\n".join(failures)
+            + "\n".join(message for _, message in failures)
         )
     return None
+
+
+def set_aside(path, directory):
+    """Moves the checkpoint `path` of `directory` to `<directory>.corrupt/`
+    (its number, then `-1`, `-2`, ... if taken) and says where: kept for
+    inspection, never deleted or written over. Process 0 moves it, before
+    its first training step; the other processes cannot finish that step
+    (a collective) without it, so none saves a checkpoint before the move.
+    """
+    if keras.config.backend() == "jax":
+        import jax
+
+        if jax.process_index() > 0:
+            return
+    aside = directory + ".corrupt"
+    os.makedirs(aside, exist_ok=True)
+    name = os.path.basename(path)
+    target, n = os.path.join(aside, name), 0
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(aside, f"{name}-{n}")
+    os.rename(path, target)
+    print(
+        f"Moved {path} to {target} (kept for inspection; training goes on "
+        "from the checkpoint before it)",
+        file=sys.stderr,
+    )
 
 
 class StopAtStep(keras.callbacks.Callback):

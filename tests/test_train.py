@@ -75,7 +75,8 @@ def environment(**extra):
     return env
 
 
-def run(args, env=None, timeout=600):
+def run(args, env=None, timeout=600, stderr=False):
+    """`args`' stdout (and stderr with `stderr`), asserting success."""
     result = subprocess.run(
         args,
         env=env or environment(),
@@ -85,7 +86,15 @@ def run(args, env=None, timeout=600):
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
+    return (result.stdout, result.stderr) if stderr else result.stdout
+
+
+def corrupt(directory):
+    """Overwrites every file below `directory` (a checkpoint)."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "w") as f:
+                f.write("corrupt")
 
 
 def metrics_file(output_dir, name):
@@ -327,7 +336,7 @@ def test_every_numeric_knob_has_its_range():
 
 
 # Runs train.py and exits like a SIGKILL right after the checkpoint of the
-# second evaluation (step 16) is complete: the instant after which a row
+# third evaluation (step 24) is complete: the instant after which a row
 # written later would be lost.
 KILL_AFTER_CHECKPOINT = """
 import os, sys
@@ -339,7 +348,7 @@ save = keras.callbacks.OrbaxCheckpoint.on_epoch_end
 
 def save_then_die(self, epoch, logs=None):
     save(self, epoch, logs)
-    if epoch == 1:
+    if epoch == 2:
         self.wait_until_finished()
         os._exit(9)
 
@@ -348,9 +357,12 @@ train.main(train.parse_config({args!r}))
 """
 
 
-def test_resume_after_kill_matches_uninterrupted_run(
+def test_resume_after_kill_and_corrupt_checkpoint_matches_uninterrupted_run(
     corpus, reference_run, tmp_path
 ):
+    """Killed right after a checkpoint, which is then corrupted: the rerun
+    says so, moves it aside (kept), resumes from the one before, writes
+    that number again and ends with the uninterrupted run's history."""
     output_dir = tmp_path / "run"
     args = command(output_dir, corpus)[2:]
     script = KILL_AFTER_CHECKPOINT.format(root=ROOT, args=args)
@@ -365,9 +377,19 @@ def test_resume_after_kill_matches_uninterrupted_run(
     assert killed.returncode == 9, killed.stderr[-4000:]
     assert not os.path.exists(output_dir / "losses.png")  # did not finish
     # Every epoch of the checkpoint was logged before it was written.
-    assert len(metrics(output_dir)) == 2
-    stdout = run(command(output_dir, corpus))
+    assert len(metrics(output_dir)) == 3
+    checkpoints = output_dir / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["1", "2"]
+    corrupt(checkpoints / "2")
+    stdout, stderr = run(command(output_dir, corpus), stderr=True)
+    aside = output_dir / "checkpoints.corrupt"
+    assert f"Cannot restore {checkpoints / '2'}" in stderr
+    assert f"Moved {checkpoints / '2'} to {aside / '2'}" in stderr
     assert "resuming at step 16" in stdout
+    assert os.listdir(aside) == ["2"]  # kept as it was
+    with open(next(p for p in aside.rglob("*") if p.is_file())) as f:
+        assert f.read() == "corrupt"
+    assert sorted(os.listdir(checkpoints)) == ["3", "4"]
     reference = reference_run[0]
     assert_same_history(metrics(output_dir), metrics(reference), 1e-6)
     fine, fine_reference = (
@@ -495,22 +517,27 @@ def test_checkpoint_fallback_and_errors(tmp_path, capsys):
     assert restored(fresh) == (2, 3)
     np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, atol=1e-6)
 
-    # A corrupt newest checkpoint: said so, and the one before it is used.
-    for root, _, names in os.walk(os.path.join(directory, "2")):
-        for name in names:
-            with open(os.path.join(root, name), "w") as f:
-                f.write("corrupt")
+    # A corrupt newest checkpoint: said so, the one before it is used, and
+    # it is moved aside (Orbax would refuse to write its number again),
+    # beside what an earlier corruption left there, replacing nothing.
+    corrupt(os.path.join(directory, "2"))
+    aside = directory + ".corrupt"
+    os.makedirs(os.path.join(aside, "2"))
     _, fresh = tiny()
     assert restored(fresh) == (1, 2)
-    assert "Cannot restore " + os.path.join(directory, "2") in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "Cannot restore " + os.path.join(directory, "2") in err
+    assert f"Moved {directory}/2 to {aside}/2-1" in err
+    assert sorted(os.listdir(aside)) == ["2", "2-1"]
+    assert os.listdir(os.path.join(aside, "2")) == []
+    assert train.complete_checkpoints(directory) == [1, 0]
 
     # A checkpoint of another model (2 MTP depths, not 1) does not load:
-    # an error, never a silent start from step 0.
+    # an error, never a silent start from step 0, and nothing is moved.
     _, other = tiny(mtp_num_layers=1)
     with pytest.raises(ValueError, match="No checkpoint in .* can be restored"):
         train.restore_checkpoint(other, directory)
+    assert train.complete_checkpoints(directory) == [1, 0]
 
     # The run directory of another config is refused before any loading.
     with open(os.path.join(config.output_dir, "config.json"), "w") as f:
