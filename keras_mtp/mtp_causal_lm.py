@@ -75,6 +75,12 @@ class MTPCausalLM(keras.Model):
             from the trunk, by soft cross-entropy; same positions and
             weights). `"main"` raises `mtp_acceptance_k` for heads trained
             on a frozen trunk; `mtp_accuracy_k` still counts the data.
+        compile: bool. If True (the default, as keras-hub's tasks), the
+            model is compiled with `compile()`'s defaults on construction,
+            so a new or loaded model (`from_preset`,
+            `keras.saving.load_model`) can evaluate, fit and generate at
+            once; call `compile` again to choose otherwise (a `.keras` file
+            restores the compile it was saved with).
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
@@ -95,7 +101,7 @@ class MTPCausalLM(keras.Model):
         vocabulary_size=256, num_layers=2, num_query_heads=4,
         num_key_value_heads=2, hidden_dim=64, intermediate_dim=128)
     model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=2)
-    model.compile(optimizer="adam")
+    model.compile(optimizer="adam")  # compiled with defaults otherwise
     model.fit(x, y, sample_weight=w, epochs=2)
     logits = model.predict(x)  # (B, T, V), MTP does not run
     ```
@@ -113,6 +119,7 @@ class MTPCausalLM(keras.Model):
         mtp_detach_trunk=False,
         loss_chunk_size=None,
         mtp_targets="labels",
+        compile=True,
         **kwargs,
     ):
         backbones.check_backbone(backbone)
@@ -181,6 +188,11 @@ class MTPCausalLM(keras.Model):
             )
         self._mtp_in_evaluate = False
         self.built = True
+        if compile:
+            # keras-hub's `Task(compile=True)`: a new, loaded (`from_preset`,
+            # `load_model`) model evaluates, fits and generates at once; a
+            # later `compile`, or the one a `.keras` file saved, replaces it.
+            self.compile()
 
     @property
     def mtp_loss_scaling_factor(self):
@@ -595,16 +607,18 @@ class MTPCausalLM(keras.Model):
         when it has them (a preset written by `save_to_preset`), freshly
         initialized otherwise; one printed line says which. A preset saved
         with more depths than asked for gives its first ones; with fewer,
-        the rest are initialized.
+        the rest are initialized. The model comes compiled with `compile()`'s
+        defaults, as keras-hub's tasks do (`compile=False` to leave it
+        uncompiled), so it can evaluate, fit and generate at once.
 
         Args:
             preset: str. Anything keras-hub's `from_preset` takes.
             load_weights: bool. If False, every weight is initialized.
             **kwargs: `MTPCausalLM` arguments (`mtp_num_layers`,
                 `mtp_loss_scaling_factor`, `mtp_detach_trunk`,
-                `loss_chunk_size`, `preprocessor`, `backbone`). The MTP
-                settings default to the preset's own, else to the
-                constructor's defaults.
+                `loss_chunk_size`, `preprocessor`, `backbone`,
+                `compile`). The MTP settings default to the preset's own,
+                else to the constructor's defaults.
 
         Example:
 

@@ -587,3 +587,38 @@ def test_epoch_metrics_add_up_with_a_ragged_last_batch(chunk):
             np.testing.assert_allclose(
                 logs[f"{key}_{k}"], expected, rtol=1e-5, err_msg=key
             )
+
+
+def test_models_compile_themselves_with_defaults(tmp_path):
+    # keras-hub's tasks compile on construction (`Task(compile=True)`): a
+    # new or loaded model evaluates, fits and generates at once.
+    x, y, w = make_batch()
+    model = make_model()
+    assert model.compiled
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    assert np.isfinite(logs["mtp_loss_2"])
+    assert np.isfinite(model.fit(x, y, verbose=0).history["loss"]).all()
+    assert not make_model(compile=False).compiled
+    # A chunked model's defaults are its chunked loss (its `compile` refuses
+    # any other loss).
+    chunked = make_model(loss_chunk_size=5)
+    logs = chunked.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
+    assert np.isfinite(logs["sparse_categorical_accuracy"])
+    # The user's own compile wins, and so does the one a `.keras` file
+    # saved; a file saved uncompiled loads compiled with the defaults.
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    model.save(tmp_path / "sgd.keras")
+    loaded = keras.saving.load_model(tmp_path / "sgd.keras")
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+    assert float(np_(loaded.optimizer.learning_rate)) == pytest.approx(0.5)
+    make_model(compile=False).save(tmp_path / "bare.keras")
+    loaded = keras.saving.load_model(tmp_path / "bare.keras")
+    assert loaded.compiled
+    logs = loaded.evaluate(x, y, return_dict=True, verbose=0)
+    assert np.isfinite(logs["mtp_loss_2"])
+    chunked.save(tmp_path / "chunked.keras")
+    loaded = keras.saving.load_model(tmp_path / "chunked.keras")
+    logs = loaded.evaluate(x, y, return_dict=True, verbose=0)
+    assert np.isfinite(logs["sparse_categorical_accuracy"])
