@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
@@ -268,7 +269,8 @@ class MTPCausalLM(keras.Model):
 
         Args:
             inputs: a prompt string or a list of them (with a
-                `preprocessor`); or keras-hub's token format, a dict with
+                `preprocessor`; an empty list gives an empty list, without
+                a forward pass); or keras-hub's token format, a dict with
                 `token_ids` `(B, T)` and `padding_mask` `(B, T)` marking the
                 prompts, or prompts of equal length, an int array `(B, T)`
                 or `(T,)`.
@@ -308,7 +310,15 @@ class MTPCausalLM(keras.Model):
         """
         from keras_mtp import speculative as speculative_lib
 
-        text = mtp_inputs.is_text(inputs)
+        no_prompts = isinstance(inputs, (list, tuple)) and not inputs
+        if no_prompts and self.preprocessor is None:
+            raise ValueError(
+                "generate() received an empty list: no prompt to continue. "
+                "Pass token ids (an int array (B, T) or a dict of `token_ids` "
+                "and `padding_mask`), or text with a `preprocessor`. "
+                f"Received: {inputs!r}"
+            )
+        text = mtp_inputs.is_text(inputs) or no_prompts
         if text and self.preprocessor is None:
             raise ValueError(
                 "generate() received text but the model has no "
@@ -326,10 +336,17 @@ class MTPCausalLM(keras.Model):
         prompts = inputs
         if text:
             batch = [inputs] if isinstance(inputs, str) else list(inputs)
-            prompts = self.preprocessor.generate_preprocess(
-                batch, sequence_length=max_length
-            )
-            prompts = {k: ops.convert_to_numpy(v) for k, v in prompts.items()}
+            if batch:
+                prompts = self.preprocessor.generate_preprocess(
+                    batch, sequence_length=max_length
+                )
+                prompts = {
+                    k: ops.convert_to_numpy(v) for k, v in prompts.items()
+                }
+            else:  # no prompts: no rows, no forward pass, no texts
+                length = max_length or self.preprocessor.sequence_length
+                empty = np.zeros((0, length), "int32")
+                prompts = {"token_ids": empty, "padding_mask": empty}
             max_length = prompts["token_ids"].shape[1]
         if sampler is None:
             sampler = getattr(self, "sampler", None)
@@ -344,7 +361,9 @@ class MTPCausalLM(keras.Model):
         )
         if strip_prompt:
             outputs = mtp_inputs.strip_prompt(outputs, prompts)
-        if text:
+        if text and not batch:
+            outputs = []
+        elif text:
             outputs = mtp_inputs.to_strings(
                 self.preprocessor.generate_postprocess(outputs)
             )

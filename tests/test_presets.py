@@ -199,6 +199,22 @@ def test_preset_to_strings_to_preset(family, tmp_path, capsys):
     )
 
 
+def test_generate_of_no_prompts_returns_no_texts(tmp_path):
+    # A list of N prompts gives N texts, N = 0 included (keras-hub 0.32's
+    # `CausalLM.generate([])` raises an IndexError on JAX and torch).
+    preset = gpt2_preset(str(tmp_path))
+    model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
+    assert model.generate([]) == []
+    texts, stats = model.generate([], return_stats=True, strip_prompt=True)
+    assert texts == []
+    assert stats["forward_passes"] == 0 and stats["new_tokens"] == 0
+    assert stats["reached"] == [0] and stats["accepted"] == [0]
+    # Without a preprocessor, an empty list is no prompt at all.
+    bare = keras_mtp.MTPCausalLM(model.backbone, mtp_num_layers=1)
+    with pytest.raises(ValueError, match=r"empty list.*Received: \[\]"):
+        bare.generate([])
+
+
 def test_frozen_trunk_trains_only_the_heads(tmp_path):
     tf = pytest.importorskip("tensorflow")
     preset = gpt2_preset(str(tmp_path))
