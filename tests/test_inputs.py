@@ -124,6 +124,44 @@ def test_tf_data_spec_is_checked_before_the_step():
     fits(model)
 
 
+def test_unbatched_text_dataset_is_refused_and_the_model_still_works():
+    # A dataset of single strings would reach the traced step as (T,)
+    # rows; on JAX an error there leaves the model unusable.
+    tf = pytest.importorskip("tensorflow")
+    import keras_hub
+    from test_presets import TEXTS
+    from test_presets import gpt2_parts
+
+    backbone, tokenizer = gpt2_parts()
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=12
+    )
+    model = keras_mtp.MTPCausalLM(backbone, preprocessor, mtp_num_layers=1)
+    model.compile()
+    logs = model.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    unbatched = tf.data.Dataset.from_tensor_slices(TEXTS)
+    message = r"must be batched.*Received: elements of shape \(\)"
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.predict(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.fit(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.fit(TEXTS, validation_data=unbatched, verbose=0)
+    rows = tf.data.Dataset.from_tensor_slices([[t] for t in TEXTS]).batch(4)
+    with pytest.raises(ValueError, match=r"shape \(None, 1\)"):
+        model.evaluate(rows, verbose=0)
+    # Refused before Keras started a step: the model still works.
+    again = model.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    for key, value in logs.items():
+        np.testing.assert_allclose(again[key], value, rtol=1e-6, err_msg=key)
+    batched = model.evaluate(unbatched.batch(4), return_dict=True, verbose=0)
+    np.testing.assert_allclose(batched["loss"], logs["loss"], rtol=1e-6)
+    predicted = model.predict(TEXTS, verbose=0)
+    assert predicted.shape == (8, 12, backbone.vocabulary_size)
+
+
 def test_integer_types_are_accepted_and_bools_refused():
     backbone = make_backbone("llama")
     model = keras_mtp.MTPCausalLM(

@@ -28,6 +28,12 @@ LENGTH = 12
 
 
 def gpt2_preset(directory):
+    backbone, tokenizer = gpt2_parts()
+    return save_preset(directory, backbone, tokenizer, "GPT2")
+
+
+def gpt2_parts():
+    """A tiny GPT-2 backbone and a BPE tokenizer of TEXTS' characters."""
     chars = sorted(set("".join(TEXTS).replace(" ", "")))
     vocab = {"Ġ": 0}  # keras-hub pads GPT-2 with id 0: not the end token
     for c in chars:
@@ -48,7 +54,7 @@ def gpt2_preset(directory):
         max_sequence_length=32,
         dropout=0.0,
     )
-    return save_preset(directory, backbone, tokenizer, "GPT2")
+    return backbone, tokenizer
 
 
 def llama_preset(directory):
