@@ -636,8 +636,9 @@ class MTPCausalLM(keras.Model):
             **kwargs: `MTPCausalLM` arguments (`mtp_num_layers`,
                 `mtp_loss_scaling_factor`, `mtp_detach_trunk`,
                 `loss_chunk_size`, `preprocessor`, `backbone`,
-                `compile`). The MTP settings default to the preset's own,
-                else to the constructor's defaults.
+                `compile`). An MTP setting not given is the preset's own
+                (from its `mtp.json`), else the constructor's default; one
+                given, None included, is passed to the constructor as is.
 
         Example:
 

@@ -14,6 +14,8 @@ plain keras-hub still loads the trunk, plus two files of ours:
 A preset whose saved depth count differs from the `mtp_num_layers` asked for
 loads its first `min(saved, asked)` depths (depth `k` reads only depths
 `< k`, so a prefix of the chain is a valid chain) and initializes the rest.
+The MTP settings `from_preset` is not given come from `mtp.json`; one given,
+None included, is the constructor's.
 """
 
 import json
@@ -77,10 +79,10 @@ def _from_preset(cls, preset, load_weights, **kwargs):
         with open(config_path) as f:
             saved = json.load(f)
     for key in _SETTINGS:
-        if kwargs.get(key) is None:
-            kwargs.pop(key, None)
-            if key in saved:
-                kwargs[key] = saved[key]
+        # Only a setting not given comes from the preset: one given, None
+        # included, means what it means to the constructor.
+        if key not in kwargs and key in saved:
+            kwargs[key] = saved[key]
     if "backbone" not in kwargs:
         kwargs["backbone"] = keras_hub.models.Backbone.from_preset(
             preset, load_weights=load_weights

@@ -5,6 +5,7 @@ tiny models with tiny tokenizers that the tests save to local directories
 
 import io
 import os
+import re
 
 import keras
 import keras_hub
@@ -13,6 +14,7 @@ import pytest
 from keras import ops
 
 import keras_mtp
+from keras_mtp import presets
 
 TEXTS = [
     "the cat sat on the mat",
@@ -219,6 +221,35 @@ def test_generate_of_no_prompts_returns_no_texts(tmp_path):
     bare = keras_mtp.MTPCausalLM(model.backbone, mtp_num_layers=1)
     with pytest.raises(ValueError, match=r"empty list.*Received: \[\]"):
         bare.generate([])
+
+
+def test_explicit_none_is_not_the_presets_setting(tmp_path, capsys):
+    # A setting given to from_preset, None included, means what it means to
+    # the constructor; only a setting not given comes from mtp.json.
+    preset = gpt2_preset(str(tmp_path))
+    saved = str(tmp_path / "chunked")
+    keras_mtp.MTPCausalLM.from_preset(
+        preset,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        mtp_detach_trunk=True,
+        loss_chunk_size=4,
+        mtp_targets="main",
+    ).save_to_preset(saved)
+    restored = keras_mtp.MTPCausalLM.from_preset(saved)
+    assert restored.loss_chunk_size == 4 and restored.mtp_detach_trunk
+    assert restored.mtp_targets == "main" and restored.mtp_num_layers == 1
+    backbone = restored.backbone
+    for key in presets._SETTINGS:
+        try:
+            model = keras_mtp.MTPCausalLM(backbone, **{key: None})
+        except ValueError as error:  # the constructor refuses None
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                keras_mtp.MTPCausalLM.from_preset(saved, **{key: None})
+            continue
+        loaded = keras_mtp.MTPCausalLM.from_preset(saved, **{key: None})
+        assert getattr(loaded, key) == getattr(model, key), key
+    capsys.readouterr()
 
 
 def test_frozen_trunk_trains_only_the_heads(tmp_path):
