@@ -661,7 +661,13 @@ class MTPCausalLM(keras.Model):
         backbone and preprocessor as keras-hub writes them (so
         `keras_hub.models.Backbone.from_preset` and `CausalLM.from_preset`
         still load the trunk) and the MTP depths and settings
-        (`mtp.weights.h5`, `mtp.json`) for `MTPCausalLM.from_preset`."""
+        (`mtp.weights.h5`, `mtp.json`) for `MTPCausalLM.from_preset`.
+
+        Into a directory that already holds a preset, the files written
+        replace theirs (as keras-hub's savers do) and no other file is
+        touched, except an earlier save's `mtp.weights.h5`, removed when
+        this model has no MTP depths: the directory then describes exactly
+        the model saved."""
         from keras_mtp import presets
 
         presets.save_to_preset(self, preset_dir)

@@ -252,6 +252,32 @@ def test_explicit_none_is_not_the_presets_setting(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_saving_leaves_the_directory_describing_the_model_saved(
+    tmp_path, capsys
+):
+    preset = gpt2_preset(str(tmp_path))
+    saved = tmp_path / "saved"
+    two = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=2)
+    two.save_to_preset(str(saved))
+    stale = (saved / "mtp.weights.h5").read_bytes()
+    (saved / "notes.txt").write_text("the user's own file")
+    keras_mtp.MTPCausalLM.from_preset(
+        preset, mtp_num_layers=0
+    ).save_to_preset(str(saved))
+    assert not (saved / "mtp.weights.h5").exists()
+    assert (saved / "notes.txt").read_text() == "the user's own file"
+    capsys.readouterr()
+    keras_mtp.MTPCausalLM.from_preset(str(saved), mtp_num_layers=2)
+    out = capsys.readouterr().out
+    assert "2 MTP depth(s) freshly initialized" in out, out
+    # A directory an older save left so: mtp.json says no depths, so the
+    # weights file beside it belongs to another model.
+    (saved / "mtp.weights.h5").write_bytes(stale)
+    keras_mtp.MTPCausalLM.from_preset(str(saved), mtp_num_layers=2)
+    out = capsys.readouterr().out
+    assert "2 MTP depth(s) freshly initialized" in out, out
+
+
 def test_frozen_trunk_trains_only_the_heads(tmp_path):
     tf = pytest.importorskip("tensorflow")
     preset = gpt2_preset(str(tmp_path))
