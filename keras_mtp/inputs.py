@@ -6,8 +6,9 @@ range give NaN losses (JAX clamps or wraps them), float ids truncate, a
 and dtypes are known, and on JAX an error raised there comes after `fit` has
 moved the model's variables out; so `fit`, `evaluate` and `predict` check
 whole arrays (NumPy, lists, tensors) and the static spec of a `tf.data`
-dataset (of token ids, or of strings: batched) before Keras starts. Python generators and `PyDataset`s are checked
-batch by batch by `call` (shapes and dtypes only).
+dataset (of token ids, or of strings: batched) before Keras starts. Python
+generators and `PyDataset`s are checked batch by batch by `call` (shapes and
+dtypes only).
 """
 
 import sys

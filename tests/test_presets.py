@@ -261,9 +261,8 @@ def test_saving_leaves_the_directory_describing_the_model_saved(
     two.save_to_preset(str(saved))
     stale = (saved / "mtp.weights.h5").read_bytes()
     (saved / "notes.txt").write_text("the user's own file")
-    keras_mtp.MTPCausalLM.from_preset(
-        preset, mtp_num_layers=0
-    ).save_to_preset(str(saved))
+    zero = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=0)
+    zero.save_to_preset(str(saved))
     assert not (saved / "mtp.weights.h5").exists()
     assert (saved / "notes.txt").read_text() == "the user's own file"
     capsys.readouterr()
