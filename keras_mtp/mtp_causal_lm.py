@@ -598,22 +598,62 @@ class MTPCausalLM(keras.Model):
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """`keras.Model.export` of the inference path: `token_ids` and
         `padding_mask` `(batch, length)` int32 in, main logits `(batch,
-        length, V)` out (MTP never runs in an export)."""
+        length, V)` out (MTP never runs in an export).
+
+        A `"tf_saved_model"` (reload it with `tf.saved_model.load` and call
+        its `serve`) is written on JAX (through jax2tf) and TensorFlow; on
+        torch, Keras 3.15 writes one only through torch_xla and for flat
+        inputs, so use `format="torch"` (`torch.export`, static shapes).
+        Without an `input_signature`, any batch size and length are served;
+        on JAX the length is one symbol for both inputs and, for a backbone
+        with a learned position table (`Family.learned_positions`: GPT-2,
+        OPT), bounded by its `max_sequence_length`, as jax2tf needs to
+        slice that table; longer inputs fail when served, as they fail in
+        `predict`. On JAX the export has no gradient function (an inference
+        path; `jax2tf_kwargs={"with_gradient": True}` keeps one, except with
+        that bound: jax2tf converts the gradient without it).
+        """
+        backend = keras.config.backend()
+        if format == "tf_saved_model" and backend == "torch":
+            raise ValueError(
+                "Keras 3.15 exports a tf_saved_model on torch only through "
+                "torch_xla and for a flat list of input specs; MTPCausalLM "
+                'takes a dict. Export with format="torch" (torch.export, '
+                "static shapes), or on JAX or TensorFlow. Received: "
+                f"format={format!r} on the {backend} backend"
+            )
         if kwargs.get("input_signature") is None:
             spec = keras.InputSpec(shape=(None, None), dtype="int32")
             kwargs["input_signature"] = [
                 {"token_ids": spec, "padding_mask": spec}
             ]
-            if keras.config.backend() == "jax":
-                # One (batch, length) for both inputs: jax2tf would give
-                # each `None` its own symbol, and attention needs them equal.
-                shape = "(batch, length)"
-                kwargs.setdefault("jax2tf_kwargs", {})
-                kwargs["jax2tf_kwargs"].setdefault(
-                    "polymorphic_shapes",
-                    [{"token_ids": shape, "padding_mask": shape}],
+            if backend == "jax":
+                kwargs["jax2tf_kwargs"] = self._jax2tf_kwargs(
+                    kwargs.get("jax2tf_kwargs")
                 )
         return super().export(filepath, format=format, **kwargs)
+
+    def _jax2tf_kwargs(self, given):
+        """`export`'s jax2tf arguments for its own `(batch, length)`
+        signature (a copy: the caller's dict is left as it was)."""
+        options = dict(given or {})
+        options.setdefault("with_gradient", False)
+        if "polymorphic_shapes" in options:
+            return options
+        # One (batch, length) for both inputs: jax2tf would give each
+        # `None` its own symbol, and attention needs them equal.
+        shape = "(batch, length)"
+        options["polymorphic_shapes"] = [
+            {"token_ids": shape, "padding_mask": shape}
+        ]
+        limit = getattr(self.backbone, "max_sequence_length", None)
+        learned = backbones.family(self.backbone).learned_positions
+        if learned and limit is not None:
+            # Slicing the position table needs `length <= limit` proven.
+            options.setdefault(
+                "polymorphic_constraints", (f"length <= {int(limit)}",)
+            )
+        return options
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -1,15 +1,12 @@
 """Bad inputs give one clear error that names the bad value, before Keras
 starts a step, and leave the model usable; nothing is silently wrong."""
 
-import os
-
 import keras
 import numpy as np
 import pytest
 from conftest import VOCAB
 from conftest import make_backbone
 from conftest import make_batch
-from keras import ops
 
 import keras_mtp
 
@@ -176,44 +173,3 @@ def test_integer_types_are_accepted_and_bools_refused():
         keras_mtp.MTPCausalLM(backbone, mtp_num_layers=2.0)
     with pytest.raises(ValueError, match="loss_chunk_size=True"):
         keras_mtp.MTPCausalLM(backbone, loss_chunk_size=True)
-
-
-def test_export_serves_the_main_logits(tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    if keras.config.backend() == "torch":
-        return check_torch_export(tmp_path)
-    model = make_model()
-    x, _, _ = make_batch(pad_last=2)
-    expected = ops.convert_to_numpy(model(x))
-    path = os.path.join(tmp_path, "exported")
-    model.export(path, verbose=False)
-    loaded = tf.saved_model.load(path)
-    served = loaded.serve({k: tf.constant(v) for k, v in x.items()})
-    np.testing.assert_allclose(served.numpy(), expected, atol=1e-5)
-    other = {k: v[:2, :7] for k, v in x.items()}  # any batch and length
-    served = loaded.serve(other)
-    np.testing.assert_allclose(
-        served.numpy(), ops.convert_to_numpy(model(other)), atol=1e-5
-    )
-
-
-def check_torch_export(tmp_path):
-    # Keras' SavedModel export needs torch_xla on torch; its own "torch"
-    # format (torch.export) takes static shapes.
-    import torch
-
-    model = make_model()
-    x, _, _ = make_batch(pad_last=2)
-    spec = keras.InputSpec(shape=x["token_ids"].shape, dtype="int32")
-    path = os.path.join(tmp_path, "exported.pt2")
-    model.export(
-        path,
-        format="torch",
-        input_signature=[{"token_ids": spec, "padding_mask": spec}],
-        verbose=False,
-    )
-    program = torch.export.load(path).module()
-    served = program({k: torch.tensor(v) for k, v in x.items()})
-    np.testing.assert_allclose(
-        served.detach().numpy(), ops.convert_to_numpy(model(x)), atol=1e-5
-    )
