@@ -326,8 +326,10 @@ def load_hf_mtp_weights(model, preset):
 
     Returns the number of depths loaded: 1, or 0 (nothing changed) if the
     checkpoint has no `mtp.*` tensor. Raises a `ValueError` naming the key
-    for a missing tensor, a shape mismatch or an `mtp.*` tensor it does not
-    know (before assigning anything), and for a non-Qwen3.5 backbone.
+    for a missing tensor (one the model needs, or one the index lists in a
+    shard that does not hold it), a shape mismatch or an `mtp.*` tensor it
+    does not know (before assigning anything), and for a non-Qwen3.5
+    backbone.
     """
     from keras_hub.src.utils import preset_utils as pu
     from safetensors import safe_open
@@ -345,6 +347,15 @@ def load_hf_mtp_weights(model, preset):
             )
             for name in sorted(set(files.values()))
         }
+        # What an index claims, against what its shards hold.
+        for name, handle in handles.items():
+            held = set(handle.keys())
+            for key in sorted(k for k, f in files.items() if f == name):
+                if key not in held:
+                    raise ValueError(
+                        f"The index of {preset!r} lists `{key}` in {name}, "
+                        "which holds no such tensor."
+                    )
 
         def shape(key):
             return tuple(handles[files[key]].get_slice(key).get_shape())

@@ -6,8 +6,9 @@ range give NaN losses (JAX clamps or wraps them), float ids truncate, a
 and dtypes are known, and on JAX an error raised there comes after `fit` has
 moved the model's variables out; so `fit`, `evaluate` and `predict` check
 whole arrays (NumPy, lists, tensors) and the static spec of a `tf.data`
-dataset before Keras starts. Python generators and `PyDataset`s are checked
-batch by batch by `call` (shapes and dtypes only).
+dataset (of token ids, or of strings: batched) before Keras starts. Python
+generators and `PyDataset`s are checked batch by batch by `call` (shapes and
+dtypes only).
 """
 
 import sys
@@ -182,8 +183,9 @@ def is_text(x):
 def text_dataset(
     preprocessor, x, y=None, sample_weight=None, batch_size=None, shuffle=False
 ):
-    """`x` (strings, or a batched `tf.data.Dataset` of them) as batches of
-    `preprocessor` outputs, `(x, y, sample_weight)`, as keras-hub's tasks
+    """`x` (strings, or a batched `tf.data.Dataset` of them, checked by
+    `check_text_dataset`) as batches of `preprocessor` outputs, `(x, y,
+    sample_weight)`, as keras-hub's tasks
     feed their `fit`. A `CausalLMPreprocessor` makes `y` and
     `sample_weight` from the text itself. `shuffle` reshuffles a list of
     strings every epoch, as Keras' `fit` does with arrays."""
@@ -197,6 +199,7 @@ def text_dataset(
         return TextBatches(preprocessor, texts, batch_size or 32, shuffle)
     import tensorflow as tf
 
+    check_text_dataset(x)
     if batch_size is not None:
         raise ValueError(
             "A tf.data.Dataset is already batched: do not pass "
@@ -205,6 +208,21 @@ def text_dataset(
     return x.map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE
     )
+
+
+def check_text_dataset(dataset):
+    """A `tf.data.Dataset` of strings must yield batches, 1-D string
+    tensors: single strings would reach the compiled step as `(T,)` rows,
+    and on JAX an error raised there leaves the model unusable. Checked on
+    the static spec (an unknown rank passes)."""
+    spec = dataset.element_spec
+    spec = spec[0] if isinstance(spec, tuple) else spec
+    if spec.shape.rank is not None and spec.shape.rank != 1:
+        raise ValueError(
+            "A tf.data.Dataset of strings must be batched: each element a "
+            "1-D tensor of strings (`dataset.batch(batch_size)`). Received: "
+            f"elements of shape {tuple(spec.shape)}"
+        )
 
 
 class TextBatches(keras.utils.PyDataset):

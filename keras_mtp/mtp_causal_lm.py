@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
@@ -75,6 +76,12 @@ class MTPCausalLM(keras.Model):
             from the trunk, by soft cross-entropy; same positions and
             weights). `"main"` raises `mtp_acceptance_k` for heads trained
             on a frozen trunk; `mtp_accuracy_k` still counts the data.
+        compile: bool. If True (the default, as keras-hub's tasks), the
+            model is compiled with `compile()`'s defaults on construction,
+            so a new or loaded model (`from_preset`,
+            `keras.saving.load_model`) can evaluate, fit and generate at
+            once; call `compile` again to choose otherwise (a `.keras` file
+            restores the compile it was saved with).
         **kwargs: `keras.Model` arguments (`name`, `dtype`). The dtype policy
             defaults to the backbone's.
 
@@ -95,7 +102,7 @@ class MTPCausalLM(keras.Model):
         vocabulary_size=256, num_layers=2, num_query_heads=4,
         num_key_value_heads=2, hidden_dim=64, intermediate_dim=128)
     model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=2)
-    model.compile(optimizer="adam")
+    model.compile(optimizer="adam")  # compiled with defaults otherwise
     model.fit(x, y, sample_weight=w, epochs=2)
     logits = model.predict(x)  # (B, T, V), MTP does not run
     ```
@@ -113,6 +120,7 @@ class MTPCausalLM(keras.Model):
         mtp_detach_trunk=False,
         loss_chunk_size=None,
         mtp_targets="labels",
+        compile=True,
         **kwargs,
     ):
         backbones.check_backbone(backbone)
@@ -181,6 +189,11 @@ class MTPCausalLM(keras.Model):
             )
         self._mtp_in_evaluate = False
         self.built = True
+        if compile:
+            # keras-hub's `Task(compile=True)`: a new, loaded (`from_preset`,
+            # `load_model`) model evaluates, fits and generates at once; a
+            # later `compile`, or the one a `.keras` file saved, replaces it.
+            self.compile()
 
     @property
     def mtp_loss_scaling_factor(self):
@@ -256,7 +269,8 @@ class MTPCausalLM(keras.Model):
 
         Args:
             inputs: a prompt string or a list of them (with a
-                `preprocessor`); or keras-hub's token format, a dict with
+                `preprocessor`; an empty list gives an empty list, without
+                a forward pass); or keras-hub's token format, a dict with
                 `token_ids` `(B, T)` and `padding_mask` `(B, T)` marking the
                 prompts, or prompts of equal length, an int array `(B, T)`
                 or `(T,)`.
@@ -296,7 +310,15 @@ class MTPCausalLM(keras.Model):
         """
         from keras_mtp import speculative as speculative_lib
 
-        text = mtp_inputs.is_text(inputs)
+        no_prompts = isinstance(inputs, (list, tuple)) and not inputs
+        if no_prompts and self.preprocessor is None:
+            raise ValueError(
+                "generate() received an empty list: no prompt to continue. "
+                "Pass token ids (an int array (B, T) or a dict of `token_ids` "
+                "and `padding_mask`), or text with a `preprocessor`. "
+                f"Received: {inputs!r}"
+            )
+        text = mtp_inputs.is_text(inputs) or no_prompts
         if text and self.preprocessor is None:
             raise ValueError(
                 "generate() received text but the model has no "
@@ -314,10 +336,17 @@ class MTPCausalLM(keras.Model):
         prompts = inputs
         if text:
             batch = [inputs] if isinstance(inputs, str) else list(inputs)
-            prompts = self.preprocessor.generate_preprocess(
-                batch, sequence_length=max_length
-            )
-            prompts = {k: ops.convert_to_numpy(v) for k, v in prompts.items()}
+            if batch:
+                prompts = self.preprocessor.generate_preprocess(
+                    batch, sequence_length=max_length
+                )
+                prompts = {
+                    k: ops.convert_to_numpy(v) for k, v in prompts.items()
+                }
+            else:  # no prompts: no rows, no forward pass, no texts
+                length = max_length or self.preprocessor.sequence_length
+                empty = np.zeros((0, length), "int32")
+                prompts = {"token_ids": empty, "padding_mask": empty}
             max_length = prompts["token_ids"].shape[1]
         if sampler is None:
             sampler = getattr(self, "sampler", None)
@@ -332,7 +361,9 @@ class MTPCausalLM(keras.Model):
         )
         if strip_prompt:
             outputs = mtp_inputs.strip_prompt(outputs, prompts)
-        if text:
+        if text and not batch:
+            outputs = []
+        elif text:
             outputs = mtp_inputs.to_strings(
                 self.preprocessor.generate_postprocess(outputs)
             )
@@ -567,22 +598,62 @@ class MTPCausalLM(keras.Model):
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """`keras.Model.export` of the inference path: `token_ids` and
         `padding_mask` `(batch, length)` int32 in, main logits `(batch,
-        length, V)` out (MTP never runs in an export)."""
+        length, V)` out (MTP never runs in an export).
+
+        A `"tf_saved_model"` (reload it with `tf.saved_model.load` and call
+        its `serve`) is written on JAX (through jax2tf) and TensorFlow; on
+        torch, Keras 3.15 writes one only through torch_xla and for flat
+        inputs, so use `format="torch"` (`torch.export`, static shapes).
+        Without an `input_signature`, any batch size and length are served;
+        on JAX the length is one symbol for both inputs and, for a backbone
+        with a learned position table (`Family.learned_positions`: GPT-2,
+        OPT), bounded by its `max_sequence_length`, as jax2tf needs to
+        slice that table; longer inputs fail when served, as they fail in
+        `predict`. On JAX the export has no gradient function (an inference
+        path; `jax2tf_kwargs={"with_gradient": True}` keeps one, except with
+        that bound: jax2tf converts the gradient without it).
+        """
+        backend = keras.config.backend()
+        if format == "tf_saved_model" and backend == "torch":
+            raise ValueError(
+                "Keras 3.15 exports a tf_saved_model on torch only through "
+                "torch_xla and for a flat list of input specs; MTPCausalLM "
+                'takes a dict. Export with format="torch" (torch.export, '
+                "static shapes), or on JAX or TensorFlow. Received: "
+                f"format={format!r} on the {backend} backend"
+            )
         if kwargs.get("input_signature") is None:
             spec = keras.InputSpec(shape=(None, None), dtype="int32")
             kwargs["input_signature"] = [
                 {"token_ids": spec, "padding_mask": spec}
             ]
-            if keras.config.backend() == "jax":
-                # One (batch, length) for both inputs: jax2tf would give
-                # each `None` its own symbol, and attention needs them equal.
-                shape = "(batch, length)"
-                kwargs.setdefault("jax2tf_kwargs", {})
-                kwargs["jax2tf_kwargs"].setdefault(
-                    "polymorphic_shapes",
-                    [{"token_ids": shape, "padding_mask": shape}],
+            if backend == "jax":
+                kwargs["jax2tf_kwargs"] = self._jax2tf_kwargs(
+                    kwargs.get("jax2tf_kwargs")
                 )
         return super().export(filepath, format=format, **kwargs)
+
+    def _jax2tf_kwargs(self, given):
+        """`export`'s jax2tf arguments for its own `(batch, length)`
+        signature (a copy: the caller's dict is left as it was)."""
+        options = dict(given or {})
+        options.setdefault("with_gradient", False)
+        if "polymorphic_shapes" in options:
+            return options
+        # One (batch, length) for both inputs: jax2tf would give each
+        # `None` its own symbol, and attention needs them equal.
+        shape = "(batch, length)"
+        options["polymorphic_shapes"] = [
+            {"token_ids": shape, "padding_mask": shape}
+        ]
+        limit = getattr(self.backbone, "max_sequence_length", None)
+        learned = backbones.family(self.backbone).learned_positions
+        if learned and limit is not None:
+            # Slicing the position table needs `length <= limit` proven.
+            options.setdefault(
+                "polymorphic_constraints", (f"length <= {int(limit)}",)
+            )
+        return options
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -595,16 +666,19 @@ class MTPCausalLM(keras.Model):
         when it has them (a preset written by `save_to_preset`), freshly
         initialized otherwise; one printed line says which. A preset saved
         with more depths than asked for gives its first ones; with fewer,
-        the rest are initialized.
+        the rest are initialized. The model comes compiled with `compile()`'s
+        defaults, as keras-hub's tasks do (`compile=False` to leave it
+        uncompiled), so it can evaluate, fit and generate at once.
 
         Args:
             preset: str. Anything keras-hub's `from_preset` takes.
             load_weights: bool. If False, every weight is initialized.
             **kwargs: `MTPCausalLM` arguments (`mtp_num_layers`,
                 `mtp_loss_scaling_factor`, `mtp_detach_trunk`,
-                `loss_chunk_size`, `preprocessor`, `backbone`). The MTP
-                settings default to the preset's own, else to the
-                constructor's defaults.
+                `loss_chunk_size`, `preprocessor`, `backbone`,
+                `compile`). An MTP setting not given is the preset's own
+                (from its `mtp.json`), else the constructor's default; one
+                given, None included, is passed to the constructor as is.
 
         Example:
 
@@ -627,7 +701,13 @@ class MTPCausalLM(keras.Model):
         backbone and preprocessor as keras-hub writes them (so
         `keras_hub.models.Backbone.from_preset` and `CausalLM.from_preset`
         still load the trunk) and the MTP depths and settings
-        (`mtp.weights.h5`, `mtp.json`) for `MTPCausalLM.from_preset`."""
+        (`mtp.weights.h5`, `mtp.json`) for `MTPCausalLM.from_preset`.
+
+        Into a directory that already holds a preset, the files written
+        replace theirs (as keras-hub's savers do) and no other file is
+        touched, except an earlier save's `mtp.weights.h5`, removed when
+        this model has no MTP depths: the directory then describes exactly
+        the model saved."""
         from keras_mtp import presets
 
         presets.save_to_preset(self, preset_dir)

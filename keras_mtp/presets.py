@@ -14,6 +14,14 @@ plain keras-hub still loads the trunk, plus two files of ours:
 A preset whose saved depth count differs from the `mtp_num_layers` asked for
 loads its first `min(saved, asked)` depths (depth `k` reads only depths
 `< k`, so a prefix of the chain is a valid chain) and initializes the rest.
+The MTP settings `from_preset` is not given come from `mtp.json`; one given,
+None included, is the constructor's.
+
+Saving into a directory that holds a preset replaces the files the save
+writes, as keras-hub's own savers do, and leaves every other file alone; a
+model without MTP depths removes an `mtp.weights.h5` an earlier save left
+there (its `mtp.json` then lists 0 depths, and loading reads no more depths
+than `mtp.json` lists), so the directory describes exactly the model saved.
 """
 
 import json
@@ -77,10 +85,10 @@ def _from_preset(cls, preset, load_weights, **kwargs):
         with open(config_path) as f:
             saved = json.load(f)
     for key in _SETTINGS:
-        if kwargs.get(key) is None:
-            kwargs.pop(key, None)
-            if key in saved:
-                kwargs[key] = saved[key]
+        # Only a setting not given comes from the preset: one given, None
+        # included, means what it means to the constructor.
+        if key not in kwargs and key in saved:
+            kwargs[key] = saved[key]
     if "backbone" not in kwargs:
         kwargs["backbone"] = keras_hub.models.Backbone.from_preset(
             preset, load_weights=load_weights
@@ -94,7 +102,9 @@ def _from_preset(cls, preset, load_weights, **kwargs):
     loaded, source = 0, f"loaded from {preset!r}"
     weights_path = _preset_file(preset, MTP_WEIGHTS_FILE)
     if load_weights and weights_path is not None:
-        loaded = load_mtp_weights(model, weights_path)
+        loaded = load_mtp_weights(
+            model, weights_path, saved.get("mtp_num_layers")
+        )
     elif load_weights and hf_mtp.takes_hf_mtp(model.backbone):
         # A Hugging Face Qwen3.5 checkpoint's own trained MTP layer.
         if hf_mtp.has_hf_mtp(preset):
@@ -126,9 +136,10 @@ def _depth_weights(model):
     return weights
 
 
-def load_mtp_weights(model, path):
+def load_mtp_weights(model, path, saved_depths=None):
     """Assigns the depths saved in the `mtp.weights.h5` at `path` (up to
-    the model's own count); returns how many depths were loaded."""
+    the model's own count, and to `saved_depths`, the count its `mtp.json`
+    lists, when given); returns how many depths were loaded."""
     import h5py
 
     weights = _depth_weights(model)
@@ -143,7 +154,10 @@ def load_mtp_weights(model, path):
         )
     depths = {int(key.split("/")[0].rsplit("_", 1)[1]) for key in saved}
     loaded = 0
-    for k in range(1, model.mtp_num_layers + 1):
+    wanted = model.mtp_num_layers
+    if saved_depths is not None:
+        wanted = min(wanted, saved_depths)
+    for k in range(1, wanted + 1):
         if k not in depths:
             break
         keys = [key for key in weights if key.startswith(f"mtp_layer_{k}/")]
@@ -177,9 +191,13 @@ def save_to_preset(model, preset_dir):
     settings["mtp_loss_scaling_factor"] = model.mtp_loss_scaling_factor
     with open(os.path.join(preset_dir, MTP_CONFIG_FILE), "w") as f:
         json.dump(settings, f, indent=2)
+    weights_path = os.path.join(preset_dir, MTP_WEIGHTS_FILE)
     if model.mtp_block is None:
+        # An earlier save's depths would describe another model.
+        if os.path.exists(weights_path):
+            os.remove(weights_path)
         return
-    with h5py.File(os.path.join(preset_dir, MTP_WEIGHTS_FILE), "w") as f:
+    with h5py.File(weights_path, "w") as f:
         for key, variable in _depth_weights(model).items():
             f.create_dataset(
                 key, data=np.asarray(keras.ops.convert_to_numpy(variable))

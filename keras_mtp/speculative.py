@@ -118,7 +118,7 @@ def normalize_inputs(inputs, max_length):
         )
     token_ids, mask = token_ids.astype("int32"), mask.astype(bool)
     lengths = mask.sum(axis=1)
-    if lengths.min() < 1:
+    if lengths.size and lengths.min() < 1:
         raise ValueError(
             "Every prompt needs at least one token. Received prompt lengths "
             f"{lengths.tolist()}"
@@ -971,6 +971,17 @@ def generate(
         model, speculative, sampler, seed, stop_token_ids
     )
     token_ids, prompt_mask = normalize_inputs(inputs, max_length)
+    if not len(token_ids):  # no prompts: no forward pass, no outputs
+        depths = model.mtp_num_layers if speculative else 0
+        counts = {
+            "forward_passes": 0,
+            "row_forward_passes": 0,
+            "reached": [0] * depths,
+            "accepted": [0] * depths,
+        }
+        stats = _generate_stats(prompt_mask, prompt_mask, counts)
+        mask = prompt_mask.astype(bool)
+        return {"token_ids": token_ids, "padding_mask": mask}, stats
     decoders = _decoders(model)
     # keras-hub's `generate` where it is this model's decoding, else our
     # loop with no drafts (see `Family.keras_hub_generate`).
@@ -1098,7 +1109,8 @@ def _generate_stats(prompt_mask, mask, counts):
     """`generate`'s stats from the prompt and output masks (NumPy) and our
     loop's `counts` (see `_generate_with_loop`), or None after keras-hub's
     generate, which makes one main forward pass per position."""
-    first = int(prompt_mask.sum(axis=1).min()) - 1
+    lengths = prompt_mask.sum(axis=1)
+    first = int(lengths.min()) - 1 if lengths.size else 0
     # Positions filled after the shortest prompt, up to each row's stop.
     positions = int((mask.sum(axis=1) - 1 - first).sum())
     if counts is None:

@@ -623,6 +623,37 @@ def test_errors_name_the_key(ckpt, tmp_path):
     assert hf_mtp.load_hf_mtp_weights(ckpt.model, directory) == 0
 
 
+def test_index_listing_a_tensor_its_shard_lacks_names_the_key(ckpt, tmp_path):
+    # A sharded checkpoint whose index promises an `mtp.*` tensor that its
+    # shard does not hold: a ValueError naming the key and the shard, before
+    # anything is assigned.
+    key = "mtp.layers.0.self_attn.k_proj.weight"
+    before = depth_1_values(ckpt.model)
+    directory = tmp_path / "sharded"
+    os.makedirs(directory)
+    shutil.copy(os.path.join(ckpt.dir, "config.json"), directory)
+    shards = {
+        "model-00001-of-00002.safetensors": ckpt.main,
+        "model-00002-of-00002.safetensors": {
+            k: v for k, v in ckpt.mtp.items() if k != key
+        },
+    }
+    for shard, tensors in shards.items():
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        save_file(tensors, str(directory / shard))
+    weight_map = dict.fromkeys(ckpt.main, "model-00001-of-00002.safetensors")
+    weight_map.update(
+        dict.fromkeys(ckpt.mtp, "model-00002-of-00002.safetensors")
+    )
+    with open(directory / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    message = f"lists `{key}` in model-00002-of-00002.safetensors"
+    with pytest.raises(ValueError, match=message):
+        hf_mtp.load_hf_mtp_weights(ckpt.model, str(directory))
+    for path, value in depth_1_values(ckpt.model).items():
+        np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
 def test_refuses_other_families():
     backbone = backbones.tiny_backbone("llama", vocabulary_size=VOCAB)
     model = keras_mtp.MTPCausalLM(backbone, mtp_num_layers=1)

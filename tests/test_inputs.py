@@ -1,15 +1,12 @@
 """Bad inputs give one clear error that names the bad value, before Keras
 starts a step, and leave the model usable; nothing is silently wrong."""
 
-import os
-
 import keras
 import numpy as np
 import pytest
 from conftest import VOCAB
 from conftest import make_backbone
 from conftest import make_batch
-from keras import ops
 
 import keras_mtp
 
@@ -124,6 +121,44 @@ def test_tf_data_spec_is_checked_before_the_step():
     fits(model)
 
 
+def test_unbatched_text_dataset_is_refused_and_the_model_still_works():
+    # A dataset of single strings would reach the traced step as (T,)
+    # rows; on JAX an error there leaves the model unusable.
+    tf = pytest.importorskip("tensorflow")
+    import keras_hub
+    from test_presets import TEXTS
+    from test_presets import gpt2_parts
+
+    backbone, tokenizer = gpt2_parts()
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=12
+    )
+    model = keras_mtp.MTPCausalLM(backbone, preprocessor, mtp_num_layers=1)
+    model.compile()
+    logs = model.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    unbatched = tf.data.Dataset.from_tensor_slices(TEXTS)
+    message = r"must be batched.*Received: elements of shape \(\)"
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.predict(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.fit(unbatched, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.fit(TEXTS, validation_data=unbatched, verbose=0)
+    rows = tf.data.Dataset.from_tensor_slices([[t] for t in TEXTS]).batch(4)
+    with pytest.raises(ValueError, match=r"shape \(None, 1\)"):
+        model.evaluate(rows, verbose=0)
+    # Refused before Keras started a step: the model still works.
+    again = model.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
+    for key, value in logs.items():
+        np.testing.assert_allclose(again[key], value, rtol=1e-6, err_msg=key)
+    batched = model.evaluate(unbatched.batch(4), return_dict=True, verbose=0)
+    np.testing.assert_allclose(batched["loss"], logs["loss"], rtol=1e-6)
+    predicted = model.predict(TEXTS, verbose=0)
+    assert predicted.shape == (8, 12, backbone.vocabulary_size)
+
+
 def test_integer_types_are_accepted_and_bools_refused():
     backbone = make_backbone("llama")
     model = keras_mtp.MTPCausalLM(
@@ -138,44 +173,3 @@ def test_integer_types_are_accepted_and_bools_refused():
         keras_mtp.MTPCausalLM(backbone, mtp_num_layers=2.0)
     with pytest.raises(ValueError, match="loss_chunk_size=True"):
         keras_mtp.MTPCausalLM(backbone, loss_chunk_size=True)
-
-
-def test_export_serves_the_main_logits(tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    if keras.config.backend() == "torch":
-        return check_torch_export(tmp_path)
-    model = make_model()
-    x, _, _ = make_batch(pad_last=2)
-    expected = ops.convert_to_numpy(model(x))
-    path = os.path.join(tmp_path, "exported")
-    model.export(path, verbose=False)
-    loaded = tf.saved_model.load(path)
-    served = loaded.serve({k: tf.constant(v) for k, v in x.items()})
-    np.testing.assert_allclose(served.numpy(), expected, atol=1e-5)
-    other = {k: v[:2, :7] for k, v in x.items()}  # any batch and length
-    served = loaded.serve(other)
-    np.testing.assert_allclose(
-        served.numpy(), ops.convert_to_numpy(model(other)), atol=1e-5
-    )
-
-
-def check_torch_export(tmp_path):
-    # Keras' SavedModel export needs torch_xla on torch; its own "torch"
-    # format (torch.export) takes static shapes.
-    import torch
-
-    model = make_model()
-    x, _, _ = make_batch(pad_last=2)
-    spec = keras.InputSpec(shape=x["token_ids"].shape, dtype="int32")
-    path = os.path.join(tmp_path, "exported.pt2")
-    model.export(
-        path,
-        format="torch",
-        input_signature=[{"token_ids": spec, "padding_mask": spec}],
-        verbose=False,
-    )
-    program = torch.export.load(path).module()
-    served = program({k: torch.tensor(v) for k, v in x.items()})
-    np.testing.assert_allclose(
-        served.detach().numpy(), ops.convert_to_numpy(model(x)), atol=1e-5
-    )

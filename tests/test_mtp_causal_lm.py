@@ -9,6 +9,7 @@ import pytest
 from conftest import LENGTH
 from conftest import aux_loss_gradients
 from conftest import clone_backbone
+from conftest import fast_compilation
 from conftest import make_backbone
 from conftest import make_batch
 from keras import ops
@@ -587,3 +588,38 @@ def test_epoch_metrics_add_up_with_a_ragged_last_batch(chunk):
             np.testing.assert_allclose(
                 logs[f"{key}_{k}"], expected, rtol=1e-5, err_msg=key
             )
+
+
+def test_models_compile_themselves_with_defaults(tmp_path):
+    # keras-hub's tasks compile on construction (`Task(compile=True)`): a
+    # new or loaded model evaluates, fits and generates at once.
+    x, y, w = make_batch()
+    model = make_model()
+    assert model.compiled
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    with fast_compilation():
+        logs = model.evaluate(x, y, return_dict=True, verbose=0)
+    assert np.isfinite(logs["mtp_loss_2"])
+    assert not make_model(compile=False).compiled
+    # The user's own compile wins, and so does the one a `.keras` file
+    # saved.
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    model.save(tmp_path / "sgd.keras")
+    loaded = keras.saving.load_model(tmp_path / "sgd.keras")
+    assert isinstance(loaded.optimizer, keras.optimizers.SGD)
+    assert float(np_(loaded.optimizer.learning_rate)) == pytest.approx(0.5)
+    # A file saved uncompiled loads compiled with the defaults, and fits.
+    make_model(compile=False).save(tmp_path / "bare.keras")
+    loaded = keras.saving.load_model(tmp_path / "bare.keras")
+    assert isinstance(loaded.optimizer, keras.optimizers.Adam)
+    with fast_compilation():
+        history = loaded.fit(x, y, sample_weight=w, verbose=0).history
+    assert np.isfinite(history["mtp_loss_2"]).all()
+    # A chunked model's defaults are its chunked loss (its `compile` refuses
+    # any other loss), also after `compile_from_config`.
+    make_model(loss_chunk_size=5).save(tmp_path / "chunked.keras")
+    loaded = keras.saving.load_model(tmp_path / "chunked.keras")
+    with fast_compilation():
+        logs = loaded.evaluate(x, y, return_dict=True, verbose=0)
+    assert np.isfinite(logs["sparse_categorical_accuracy"])

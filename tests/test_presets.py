@@ -5,6 +5,7 @@ tiny models with tiny tokenizers that the tests save to local directories
 
 import io
 import os
+import re
 
 import keras
 import keras_hub
@@ -13,6 +14,7 @@ import pytest
 from keras import ops
 
 import keras_mtp
+from keras_mtp import presets
 
 TEXTS = [
     "the cat sat on the mat",
@@ -28,6 +30,12 @@ LENGTH = 12
 
 
 def gpt2_preset(directory):
+    backbone, tokenizer = gpt2_parts()
+    return save_preset(directory, backbone, tokenizer, "GPT2")
+
+
+def gpt2_parts():
+    """A tiny GPT-2 backbone and a BPE tokenizer of TEXTS' characters."""
     chars = sorted(set("".join(TEXTS).replace(" ", "")))
     vocab = {"Ġ": 0}  # keras-hub pads GPT-2 with id 0: not the end token
     for c in chars:
@@ -48,7 +56,7 @@ def gpt2_preset(directory):
         max_sequence_length=32,
         dropout=0.0,
     )
-    return save_preset(directory, backbone, tokenizer, "GPT2")
+    return backbone, tokenizer
 
 
 def llama_preset(directory):
@@ -156,7 +164,7 @@ def test_preset_to_strings_to_preset(family, tmp_path, capsys):
         model.predict(TEXTS, verbose=0),
         atol=1e-6,
     )
-    loaded.compile(optimizer="adam")
+    # Compiled on loading, as keras-hub's tasks are: it evaluates at once.
     again = loaded.evaluate(TEXTS, batch_size=4, return_dict=True, verbose=0)
     for key in ("main_loss", "mtp_loss_1", "mtp_loss_2", "mtp_accuracy_2"):
         np.testing.assert_allclose(again[key], logs[key], rtol=1e-5)
@@ -176,7 +184,10 @@ def test_preset_to_strings_to_preset(family, tmp_path, capsys):
         values(model.mtp_block.mtp_layers[0].weights),
     ):
         np.testing.assert_array_equal(a, b)
-    three = keras_mtp.MTPCausalLM.from_preset(saved, mtp_num_layers=3)
+    three = keras_mtp.MTPCausalLM.from_preset(
+        saved, mtp_num_layers=3, compile=False
+    )
+    assert not three.compiled
     assert "depths 3-3 freshly initialized" in capsys.readouterr().out
     for a, b in zip(
         values(three.mtp_block.mtp_layers[1].weights),
@@ -194,6 +205,76 @@ def test_preset_to_strings_to_preset(family, tmp_path, capsys):
         model.predict(TEXTS, verbose=0),
         atol=1e-6,
     )
+
+
+def test_generate_of_no_prompts_returns_no_texts(tmp_path):
+    # A list of N prompts gives N texts, N = 0 included (keras-hub 0.32's
+    # `CausalLM.generate([])` raises an IndexError on JAX and torch).
+    preset = gpt2_preset(str(tmp_path))
+    model = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=1)
+    assert model.generate([]) == []
+    texts, stats = model.generate([], return_stats=True, strip_prompt=True)
+    assert texts == []
+    assert stats["forward_passes"] == 0 and stats["new_tokens"] == 0
+    assert stats["reached"] == [0] and stats["accepted"] == [0]
+    # Without a preprocessor, an empty list is no prompt at all.
+    bare = keras_mtp.MTPCausalLM(model.backbone, mtp_num_layers=1)
+    with pytest.raises(ValueError, match=r"empty list.*Received: \[\]"):
+        bare.generate([])
+
+
+def test_explicit_none_is_not_the_presets_setting(tmp_path, capsys):
+    # A setting given to from_preset, None included, means what it means to
+    # the constructor; only a setting not given comes from mtp.json.
+    preset = gpt2_preset(str(tmp_path))
+    saved = str(tmp_path / "chunked")
+    keras_mtp.MTPCausalLM.from_preset(
+        preset,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        mtp_detach_trunk=True,
+        loss_chunk_size=4,
+        mtp_targets="main",
+    ).save_to_preset(saved)
+    restored = keras_mtp.MTPCausalLM.from_preset(saved)
+    assert restored.loss_chunk_size == 4 and restored.mtp_detach_trunk
+    assert restored.mtp_targets == "main" and restored.mtp_num_layers == 1
+    backbone = restored.backbone
+    for key in presets._SETTINGS:
+        try:
+            model = keras_mtp.MTPCausalLM(backbone, **{key: None})
+        except ValueError as error:  # the constructor refuses None
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                keras_mtp.MTPCausalLM.from_preset(saved, **{key: None})
+            continue
+        loaded = keras_mtp.MTPCausalLM.from_preset(saved, **{key: None})
+        assert getattr(loaded, key) == getattr(model, key), key
+    capsys.readouterr()
+
+
+def test_saving_leaves_the_directory_describing_the_model_saved(
+    tmp_path, capsys
+):
+    preset = gpt2_preset(str(tmp_path))
+    saved = tmp_path / "saved"
+    two = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=2)
+    two.save_to_preset(str(saved))
+    stale = (saved / "mtp.weights.h5").read_bytes()
+    (saved / "notes.txt").write_text("the user's own file")
+    zero = keras_mtp.MTPCausalLM.from_preset(preset, mtp_num_layers=0)
+    zero.save_to_preset(str(saved))
+    assert not (saved / "mtp.weights.h5").exists()
+    assert (saved / "notes.txt").read_text() == "the user's own file"
+    capsys.readouterr()
+    keras_mtp.MTPCausalLM.from_preset(str(saved), mtp_num_layers=2)
+    out = capsys.readouterr().out
+    assert "2 MTP depth(s) freshly initialized" in out, out
+    # A directory an older save left so: mtp.json says no depths, so the
+    # weights file beside it belongs to another model.
+    (saved / "mtp.weights.h5").write_bytes(stale)
+    keras_mtp.MTPCausalLM.from_preset(str(saved), mtp_num_layers=2)
+    out = capsys.readouterr().out
+    assert "2 MTP depth(s) freshly initialized" in out, out
 
 
 def test_frozen_trunk_trains_only_the_heads(tmp_path):
