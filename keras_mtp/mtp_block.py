@@ -8,6 +8,7 @@ from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
 from keras_mtp.inputs import check_length
 from keras_mtp.mtp_layer import MTPLayer
+from keras_mtp.mtp_layer import check_mtp_init
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -109,6 +110,7 @@ class MTPBlock(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         loss_chunk_size=None,
         mtp_targets="labels",
+        mtp_init="random",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +123,7 @@ class MTPBlock(keras.layers.Layer):
         check_loss_scaling_factor(loss_scaling_factor)
         loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
         check_mtp_targets(mtp_targets)
+        check_mtp_init(mtp_init)
         # === Config ===
         self.num_layers = num_layers
         self.loss_scaling_factor = float(loss_scaling_factor)
@@ -129,6 +132,7 @@ class MTPBlock(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.loss_chunk_size = loss_chunk_size
         self.mtp_targets = mtp_targets
+        self.mtp_init = mtp_init
 
         # === Layers ===
         self.token_embedding = token_embedding
@@ -138,6 +142,7 @@ class MTPBlock(keras.layers.Layer):
                 transformer_block=transformer_block,
                 output_norm=output_norm,
                 layer_norm_epsilon=layer_norm_epsilon,
+                mtp_init=mtp_init,
                 dtype=self.dtype_policy,
                 name=f"mtp_layer_{k}",
             )
@@ -307,6 +312,7 @@ class MTPBlock(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "loss_chunk_size": self.loss_chunk_size,
                 "mtp_targets": self.mtp_targets,
+                "mtp_init": self.mtp_init,
             }
         )
         return config

@@ -11,6 +11,7 @@ from keras_mtp.mtp_block import check_int
 from keras_mtp.mtp_block import check_loss_chunk_size
 from keras_mtp.mtp_block import check_loss_scaling_factor
 from keras_mtp.mtp_block import check_mtp_targets
+from keras_mtp.mtp_layer import check_mtp_init
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -76,6 +77,12 @@ class MTPCausalLM(keras.Model):
             from the trunk, by soft cross-entropy; same positions and
             weights). `"main"` raises `mtp_acceptance_k` for heads trained
             on a frozen trunk; `mtp_accuracy_k` still counts the data.
+        mtp_init: `"random"` or `"identity"`: how fresh depths start (see
+            `MTPLayer`). `"identity"` starts each depth as a pass-through
+            of the trunk's hidden state, so it predicts what the main head
+            predicts (a loss below `log V` on a pretrained trunk, where a
+            random depth starts confidently wrong); `from_preset` uses it
+            for depths it does not load. Trained weights replace either.
         compile: bool. If True (the default, as keras-hub's tasks), the
             model is compiled with `compile()`'s defaults on construction,
             so a new or loaded model (`from_preset`,
@@ -120,10 +127,12 @@ class MTPCausalLM(keras.Model):
         mtp_detach_trunk=False,
         loss_chunk_size=None,
         mtp_targets="labels",
+        mtp_init="random",
         compile=True,
         **kwargs,
     ):
         backbones.check_backbone(backbone)
+        check_mtp_init(mtp_init)
         loss_chunk_size = check_loss_chunk_size(loss_chunk_size)
         check_mtp_targets(mtp_targets)
         mtp_num_layers = check_int(mtp_num_layers, "mtp_num_layers")
@@ -140,6 +149,7 @@ class MTPCausalLM(keras.Model):
         self.mtp_detach_trunk = bool(mtp_detach_trunk)
         self.loss_chunk_size = loss_chunk_size
         self.mtp_targets = mtp_targets
+        self.mtp_init = mtp_init
 
         # === Layers ===
         self.backbone = backbone
@@ -157,6 +167,7 @@ class MTPCausalLM(keras.Model):
                 layer_norm_epsilon=backbones.layer_norm_epsilon(backbone),
                 loss_chunk_size=loss_chunk_size,
                 mtp_targets=mtp_targets,
+                mtp_init=mtp_init,
                 dtype=self.dtype_policy,
                 name="mtp_block",
             )
@@ -675,10 +686,14 @@ class MTPCausalLM(keras.Model):
             load_weights: bool. If False, every weight is initialized.
             **kwargs: `MTPCausalLM` arguments (`mtp_num_layers`,
                 `mtp_loss_scaling_factor`, `mtp_detach_trunk`,
-                `loss_chunk_size`, `preprocessor`, `backbone`,
-                `compile`). An MTP setting not given is the preset's own
-                (from its `mtp.json`), else the constructor's default; one
-                given, None included, is passed to the constructor as is.
+                `loss_chunk_size`, `mtp_targets`, `mtp_init`,
+                `preprocessor`, `backbone`, `compile`). An MTP setting not
+                given is the preset's own (from its `mtp.json`), else the
+                constructor's default; one given, None included, is passed
+                to the constructor as is. `mtp_init` defaults to
+                `"identity"` when the weights are loaded (fresh depths on
+                a pretrained trunk start as the main head, not confidently
+                wrong), `"random"` with `load_weights=False`.
 
         Example:
 
@@ -741,6 +756,7 @@ class MTPCausalLM(keras.Model):
                 "mtp_detach_trunk": self.mtp_detach_trunk,
                 "loss_chunk_size": self.loss_chunk_size,
                 "mtp_targets": self.mtp_targets,
+                "mtp_init": self.mtp_init,
             }
         )
         return config

@@ -1,6 +1,18 @@
+import re
+
 import keras
+import numpy as np
 
 from keras_mtp import backbones
+
+MTP_INITS = ("random", "identity")
+# The weights through which a keras-hub decoder block writes into its
+# residual stream (attention output and feed-forward down projection, under
+# each family's names): zero, the block is the identity.
+_RESIDUAL_OUTPUTS = re.compile(
+    r"(attention_output|output_dense|ffw_linear|o_proj|down_proj|out_proj"
+    r"|dense_4h_to_h)(/kernel|/bias|_bias)?$"
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -26,6 +38,16 @@ class MTPLayer(keras.layers.Layer):
         output_norm: `keras.layers.Layer` or blueprint dict. A fresh layer of
             this class and config becomes `Norm_k`.
         layer_norm_epsilon: float. Epsilon of the two input RMSNorms.
+        mtp_init: `"random"` or `"identity"`. `"random"`: the layers'
+            own initializers. `"identity"` (Medusa's zero-initialized
+            residual block, for heads on a pretrained trunk): `W_k = [0; I]`
+            passes `RMSNorm_h(h^{k-1})` through, the block's residual
+            outputs (attention output, feed-forward down projection) start
+            at zero so the block is the identity; the norms keep their
+            initial unit scale. A fresh depth then predicts what the main head
+            predicts at the same position (its logits are the main
+            logits divided by a positive per-token factor), instead of
+            starting confidently wrong through the shared head.
         **kwargs: base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -59,6 +81,7 @@ class MTPLayer(keras.layers.Layer):
         transformer_block,
         output_norm,
         layer_norm_epsilon=1e-6,
+        mtp_init="random",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,6 +89,7 @@ class MTPLayer(keras.layers.Layer):
             raise ValueError(
                 f"`hidden_dim` must be a positive int. Received: {hidden_dim}"
             )
+        check_mtp_init(mtp_init)
         # === Config ===
         self.hidden_dim = hidden_dim
         self.transformer_block_blueprint = backbones.layer_blueprint(
@@ -73,6 +97,7 @@ class MTPLayer(keras.layers.Layer):
         )
         self.output_norm_blueprint = backbones.layer_blueprint(output_norm)
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.mtp_init = mtp_init
 
         # === Layers ===
         self.embedding_norm = keras.layers.RMSNormalization(
@@ -121,7 +146,25 @@ class MTPLayer(keras.layers.Layer):
         for layer in (self.transformer_block, self.output_norm):
             if not layer.built:
                 layer.build(shape)
+        if self.mtp_init == "identity":
+            self._identity_init()
         self.built = True
+
+    def _identity_init(self):
+        """`W_k = [0; I]` and zero residual outputs (see `mtp_init`)."""
+        d = self.hidden_dim
+        kernel = np.concatenate([np.zeros((d, d)), np.eye(d)])  # (2d, d)
+        self.projection.kernel.assign(kernel.astype("float32"))
+        block = self.transformer_block
+        outputs = [v for v in block.weights if _RESIDUAL_OUTPUTS.search(v.path)]
+        if not outputs:
+            raise ValueError(
+                "mtp_init='identity' found no residual output projection in "
+                f"the block {type(block).__name__}; use mtp_init='random'. "
+                f"Its weights: {[v.path for v in block.weights]}"
+            )
+        for variable in outputs:
+            variable.assign(np.zeros(variable.shape, "float32"))
 
     def _combine(self, hidden_states, token_embeddings):
         """`M_k [RMSNorm(Emb); RMSNorm(h^{k-1})]`, `(B, T, d)`."""
@@ -166,6 +209,16 @@ class MTPLayer(keras.layers.Layer):
                 "transformer_block": self.transformer_block_blueprint,
                 "output_norm": self.output_norm_blueprint,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "mtp_init": self.mtp_init,
             }
         )
         return config
+
+
+def check_mtp_init(value):
+    """Raises a `ValueError` unless `value` is one of `MTP_INITS`."""
+    if not (isinstance(value, str) and value in MTP_INITS):
+        raise ValueError(
+            f"`mtp_init` must be one of {MTP_INITS}. Received: "
+            f"mtp_init={value!r}"
+        )

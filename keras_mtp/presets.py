@@ -89,6 +89,10 @@ def _from_preset(cls, preset, load_weights, **kwargs):
         # included, means what it means to the constructor.
         if key not in kwargs and key in saved:
             kwargs[key] = saved[key]
+    # Fresh depths on a pretrained trunk start as the main head (a random
+    # depth starts above log V through the shared head); loaded depths
+    # overwrite it.
+    kwargs.setdefault("mtp_init", "identity" if load_weights else "random")
     if "backbone" not in kwargs:
         kwargs["backbone"] = keras_hub.models.Backbone.from_preset(
             preset, load_weights=load_weights
