@@ -151,6 +151,20 @@ class Config:
         maximum=2**32 - 1,  # keras.utils.set_random_seed's range
     )
     output_dir: str = knob("runs/default", "Where everything is written.")
+    # MTP heads for a pretrained model
+    preset: typing.Optional[str] = knob(
+        None,
+        "A keras-hub preset (local directory, hf://..., a built-in name) "
+        "to add MTP heads to, with --heads-only.",
+    )
+    heads_only: bool = knob(
+        False,
+        "Train only the MTP depths of --preset on its frozen trunk's "
+        "cached features (keras_mtp.heads.fit_heads: --steps, "
+        "--batch-size, --sequence-length, --learning-rate, "
+        "--mtp-num-layers, --data) and save the preset to "
+        "<output_dir>/preset.",
+    )
     # distribution (JAX)
     distribution: str = knob(
         "none",
@@ -1037,7 +1051,55 @@ def report(config, run, model, corpus, start):
     print(f"saved to {run.directory}/")
 
 
+def heads_only(config):
+    """`--preset DIR --heads-only`: the MTP depths of a pretrained model,
+    trained on its frozen trunk (`keras_mtp.heads.fit_heads`), saved with
+    the trunk as a preset in `<output_dir>/preset`."""
+    from keras_mtp import heads
+
+    if not config.preset:
+        raise ValueError(
+            "--heads-only trains the MTP heads of a pretrained model: give "
+            "it with --preset (a local directory, hf://..., a built-in "
+            "name). Received: preset=None"
+        )
+    keras.utils.set_random_seed(config.seed)
+    model = keras_mtp.MTPCausalLM.from_preset(
+        config.preset, mtp_num_layers=config.mtp_num_layers
+    )
+    files = data.list_corpus_files(config.data)
+    train_files, _ = data.split_files(
+        files, config.validation_fraction, seed=config.seed
+    )
+    texts = []
+    for path in train_files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    history = heads.fit_heads(
+        model,
+        texts,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        sequence_length=config.sequence_length,
+        learning_rate=config.learning_rate,
+        max_rows=config.steps * config.batch_size,  # one pass at most
+        seed=config.seed,
+        verbose=2,
+    )
+    os.makedirs(config.output_dir, exist_ok=True)
+    preset = os.path.join(config.output_dir, "preset")
+    model.save_to_preset(preset)
+    final = {k: float(v[-1]) for k, v in history.history.items()}
+    print(
+        f"heads: {history.tokens:,} tokens cached in "
+        f"{history.features_seconds:.0f} s; {final}; saved to {preset}"
+    )
+    return history
+
+
 def main(config):
+    if config.heads_only:
+        return heads_only(config)
     start = time.time()
     run = set_up(config)
     corpus = load_data(config)

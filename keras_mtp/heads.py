@@ -20,6 +20,8 @@ model.save_to_preset("./with_heads")
 ```
 """
 
+import weakref
+
 import keras
 import numpy as np
 from keras import ops
@@ -112,7 +114,7 @@ def fit_heads(
     import time
 
     start = time.perf_counter()
-    rows = token_rows(model, data, sequence_length)[:max_rows]
+    rows = token_rows(model, data, sequence_length, max_rows)
     if self_distill:
         rows = self_distilled_rows(model, rows, prompt_length, batch_size)
     features = cache_features(model, rows, batch_size)
@@ -140,9 +142,10 @@ def fit_heads(
     return history
 
 
-def token_rows(model, data, sequence_length):
+def token_rows(model, data, sequence_length, max_rows=None):
     """`data` as an int32 array `(N, sequence_length)` of token ids (see
-    `fit_heads`)."""
+    `fit_heads`), at most `max_rows` rows (texts are tokenized only as far
+    as needed)."""
     if isinstance(data, str):
         data = [data]
     if isinstance(data, (list, tuple)) and all(
@@ -159,12 +162,16 @@ def token_rows(model, data, sequence_length):
         for text in data:
             ids.extend(np.asarray(tokenizer(text)).tolist())
             ids.append(end)
+            if max_rows is not None and len(ids) >= max_rows * sequence_length:
+                break
         count = len(ids) // sequence_length
         if count == 0:
             raise ValueError(
                 f"fit_heads() needs at least {sequence_length} tokens of "
                 f"text (sequence_length); the texts have {len(ids)}."
             )
+        if max_rows is not None:
+            count = min(count, max_rows)
         ids = np.asarray(ids[: count * sequence_length], "int32")
         return ids.reshape(count, sequence_length)
     rows = np.asarray(data)
@@ -185,7 +192,7 @@ def token_rows(model, data, sequence_length):
             f"Token ids must lie in [0, {vocabulary}). Received ids in "
             f"[{rows.min()}, {rows.max()}]"
         )
-    return rows.astype("int32")
+    return rows[:max_rows].astype("int32")
 
 
 def self_distilled_rows(model, rows, prompt_length, batch_size):
@@ -226,16 +233,33 @@ class _Features(keras.Model):
         return hidden, ops.cast(mtp_ops.top1(logits), "int32")
 
 
+# One compiled feature function per model (not an attribute: Keras would
+# track it as a layer of the model).
+_FEATURES = weakref.WeakKeyDictionary()
+
+
 def cache_features(model, rows, batch_size):
     """A dict of NumPy arrays: `token_ids` `(N, T)`, `hidden_states`
     `(N, T, d)` (the trunk's output, float32) and `main_ids` `(N, T)`,
-    computed in batches of `batch_size` rows."""
-    features = _Features(model)
+    computed in batches of `batch_size` rows (the last one padded, so one
+    compiled function serves every batch)."""
+    if model not in _FEATURES:
+        _FEATURES[model] = _Features(model)
+    features = _FEATURES[model]
     hidden, main_ids = [], []
     for begin in range(0, len(rows), batch_size):
-        h, ids = features.predict_on_batch(rows[begin : begin + batch_size])
-        hidden.append(np.asarray(h, "float32"))
-        main_ids.append(np.asarray(ids, "int32"))
+        batch = rows[begin : begin + batch_size]
+        size = len(batch)
+        if size < batch_size:
+            batch = np.concatenate(
+                [
+                    batch,
+                    np.zeros((batch_size - size,) + batch.shape[1:], "int32"),
+                ]
+            )
+        h, ids = features.predict_on_batch(batch)
+        hidden.append(np.asarray(h, "float32")[:size])
+        main_ids.append(np.asarray(ids, "int32")[:size])
     return {
         "token_ids": rows,
         "hidden_states": np.concatenate(hidden),

@@ -235,3 +235,40 @@ def test_from_preset_starts_fresh_depths_as_identity(tmp_path):
         str(tmp_path), mtp_num_layers=1, mtp_init="random", preprocessor=None
     )
     assert chosen.mtp_init == "random"
+
+
+def test_train_py_heads_only_trains_and_saves_a_preset(tmp_path):
+    import os
+    import sys
+
+    from test_presets import TEXTS
+    from test_presets import gpt2_preset
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    import train
+
+    preset = gpt2_preset(str(tmp_path / "trunk"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(" ".join(TEXTS * 4))
+    out = tmp_path / "run"
+    config = train.parse_config(
+        [
+            f"--preset={preset}",
+            "--heads-only=true",
+            "--mtp-num-layers=1",
+            "--steps=3",
+            "--batch-size=2",
+            "--sequence-length=16",
+            f"--data={corpus}",
+            f"--output-dir={out}",
+        ]
+    )
+    history = train.main(config)
+    assert len(history.history["mtp_loss"]) == 1
+    loaded = MTPCausalLM.from_preset(str(out / "preset"))
+    assert loaded.mtp_num_layers == 1 and loaded.mtp_targets == "main"
+    with pytest.raises(ValueError, match="--preset"):
+        train.main(train.parse_config(["--heads-only=true"]))
