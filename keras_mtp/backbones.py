@@ -1348,3 +1348,26 @@ def apply_head(token_embedding, hidden_states, kernel):
     if cap is not None:
         logits = ops.tanh(logits / cap) * cap
     return logits
+
+
+def _keep_tied_llama_embeddings():
+    """keras-hub 0.32's `LlamaBackbone.get_config()` (and so `Llama3Backbone`'s)
+    omits `tie_word_embeddings`: a tied model (SmolLM2, Llama 3.2 1B) saved to
+    a preset or a `.keras` file came back untied and failed to load its own
+    weights. The argument is added to the config the backbone writes."""
+    from keras_hub.src.models.llama.llama_backbone import LlamaBackbone
+
+    get_config = LlamaBackbone.get_config
+    if getattr(get_config, "keeps_tied_embeddings", False):
+        return
+
+    def config_with_tie(self):
+        config = get_config(self)
+        config.setdefault("tie_word_embeddings", self.tie_word_embeddings)
+        return config
+
+    config_with_tie.keeps_tied_embeddings = True
+    LlamaBackbone.get_config = config_with_tie
+
+
+_keep_tied_llama_embeddings()

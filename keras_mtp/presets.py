@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_mtp import distribution
+from keras_mtp import hf_config
 from keras_mtp import hf_mtp
 
 MTP_CONFIG_FILE = "mtp.json"
@@ -62,7 +63,7 @@ def _load_preprocessor(preset):
 
     try:
         return keras_hub.models.CausalLMPreprocessor.from_preset(preset)
-    except ValueError as error:  # a preset with a backbone only
+    except (ValueError, FileNotFoundError) as error:  # a backbone only
         print(f"keras_mtp: no preprocessor in {preset!r} ({error})")
         return None
 
@@ -95,7 +96,9 @@ def _from_preset(cls, preset, load_weights, **kwargs):
     kwargs.setdefault("mtp_init", "identity" if load_weights else "random")
     if "backbone" not in kwargs:
         kwargs["backbone"] = keras_hub.models.Backbone.from_preset(
-            preset, load_weights=load_weights
+            preset,
+            load_weights=load_weights,
+            **hf_config.backbone_kwargs(preset),
         )
     if "preprocessor" not in kwargs:
         kwargs["preprocessor"] = _load_preprocessor(preset)
