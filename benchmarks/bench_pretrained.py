@@ -290,7 +290,7 @@ def main(args):
     for depth in args.depths:
         sub = with_depths(model, depth)
         variants = [("full", None)]
-        if vocabulary is not None:
+        if vocabulary is not None and depth == 1:  # the step-cost target
             variants.append((f"top{args.draft_vocabulary}", vocabulary))
         for name, ids in variants:
             if ids is not None:
