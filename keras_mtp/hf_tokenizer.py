@@ -362,9 +362,12 @@ def describe_difference(actual, expected, reference):
             min(len(actual), len(expected)),
         )
         piece = reference.decode(expected[first : first + 3])
+        count = f"{len(actual)} ids instead of {len(expected)}"
+        if len(actual) == len(expected):
+            count = "other ids"
         parts.append(
-            f"gives {len(actual)} ids instead of {len(expected)}, the first "
-            f"different one at position {first} ({piece!r})"
+            f"gives {count}, the first different one at position {first} "
+            f"({piece!r})"
         )
     return "; ".join(parts)
 

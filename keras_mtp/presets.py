@@ -63,9 +63,7 @@ def _load_preprocessor(preset):
     import keras_hub
 
     try:
-        preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(
-            preset
-        )
+        preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset)
     except (ValueError, FileNotFoundError) as error:  # a backbone only
         print(f"keras_mtp: no preprocessor in {preset!r} ({error})")
         return None
