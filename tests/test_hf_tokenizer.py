@@ -187,3 +187,21 @@ def test_smollm2_tokenizes_as_its_checkpoint(smollm2_dir):
         f"exact {costs['exact']:.3f}"
     )
     assert costs["exact"] < costs["keras-hub"]
+
+
+def test_an_exact_keras_hub_tokenizer_is_kept(
+    checkpoints, monkeypatch, capsys, tmp_path
+):
+    """Where keras-hub's ids are the checkpoint's on the probe, its
+    preprocessor is returned as it is, silently."""
+    directory = checkpoints("smollm")
+    plain = keras_hub.models.CausalLMPreprocessor.from_preset(directory)
+    monkeypatch.setattr(
+        hf_tokenizer,
+        "preprocessor_ids",
+        lambda preprocessor, text: reference(directory).encode(text).ids,
+    )
+    assert hf_tokenizer.exact_preprocessor(plain, directory) is plain
+    assert capsys.readouterr().out == ""
+    # Not a Hugging Face checkpoint (no config.json here): not checked.
+    assert hf_tokenizer.exact_preprocessor(plain, str(tmp_path)) is plain
