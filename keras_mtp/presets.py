@@ -33,6 +33,7 @@ import numpy as np
 from keras_mtp import distribution
 from keras_mtp import hf_config
 from keras_mtp import hf_mtp
+from keras_mtp import hf_tokenizer
 
 MTP_CONFIG_FILE = "mtp.json"
 MTP_WEIGHTS_FILE = "mtp.weights.h5"
@@ -62,10 +63,12 @@ def _load_preprocessor(preset):
     import keras_hub
 
     try:
-        return keras_hub.models.CausalLMPreprocessor.from_preset(preset)
+        preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset)
     except (ValueError, FileNotFoundError) as error:  # a backbone only
         print(f"keras_mtp: no preprocessor in {preset!r} ({error})")
         return None
+    # A Hugging Face checkpoint's ids are those of its tokenizer.json.
+    return hf_tokenizer.exact_preprocessor(preprocessor, preset)
 
 
 def from_preset(cls, preset, load_weights=True, **kwargs):

