@@ -157,11 +157,12 @@ def token_rows(model, data, sequence_length, max_rows=None):
                 "`preprocessor`; pass token ids `(N, sequence_length)`."
             )
         tokenizer = model.preprocessor.tokenizer
-        end = tokenizer.end_token_id
+        end = getattr(tokenizer, "end_token_id", None)
         ids = []
         for text in data:
             ids.extend(np.asarray(tokenizer(text)).tolist())
-            ids.append(end)
+            if end is not None:
+                ids.append(end)
             if max_rows is not None and len(ids) >= max_rows * sequence_length:
                 break
         count = len(ids) // sequence_length
