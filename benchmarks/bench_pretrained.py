@@ -279,6 +279,8 @@ def main(args):
     texts = [read(f, args.max_file_chars) for f in train_files]
     training = train_heads(model, texts, args)
     print("training:", training, flush=True)
+    if args.save:
+        model.save_to_preset(args.save)  # decode again without training
 
     vocabulary = None
     if args.draft_vocabulary and hasattr(speculative_lib, "frequent_tokens"):
@@ -348,6 +350,7 @@ def parse_args(argv=None):
     parser.add_argument("--draft-vocabulary", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
+    parser.add_argument("--save", help="save the trained model as a preset")
     parser.add_argument(
         "--smoke",
         action="store_true",
