@@ -277,7 +277,9 @@ def main(args):
         tokenizer, held_out, args.prompts, args.prompt_length
     )
     texts = [read(f, args.max_file_chars) for f in train_files]
-    training = train_heads(model, texts, args)
+    training = None  # --train-minutes 0: decode a preset's trained depths
+    if args.train_minutes > 0:
+        training = train_heads(model, texts, args)
     print("training:", training, flush=True)
     if args.save:
         model.save_to_preset(args.save)  # decode again without training
@@ -328,7 +330,12 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", help="a converted Hugging Face dir")
-    parser.add_argument("--train-minutes", type=float, default=25.0)
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=25.0,
+        help="wall-clock budget of fit_heads (0: decode --preset's depths)",
+    )
     parser.add_argument("--cache-share", type=float, default=0.35)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument(
