@@ -7,7 +7,7 @@ import time
 import keras
 
 from keras_mtp import flops
-from keras_mtp.mtp_block import check_loss_scaling_factor
+from keras_mtp.validation import check_loss_scaling_factor
 
 
 class MTPLossScheduler(keras.callbacks.Callback):

@@ -34,7 +34,7 @@ import keras
 import keras_hub
 
 from keras_mtp import backbones
-from keras_mtp.mtp_block import check_int
+from keras_mtp.validation import check_int
 
 # The mesh-axis placeholders of the rules in `keras_mtp.backbones.FAMILIES`.
 _MODEL = backbones.MODEL
