@@ -231,6 +231,9 @@ class ResumableCheckpoint(keras.callbacks.OrbaxCheckpoint):
                 f"Received: an unbuilt {type(self.model).__name__}"
             )
         self.restored = restore_checkpoint(self.model, self.directory)
+        # Orbax lists the steps when the callback is made; one set aside
+        # since is written again.
+        self.checkpointer.reload()
         if self.restored is not None:
             # Read by `fit` right after `on_train_begin`.
             self.model._initial_epoch = self.restored + 1
