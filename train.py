@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ from keras_mtp import checkpoint  # noqa: E402
 from keras_mtp import data  # noqa: E402
 from keras_mtp import flops  # noqa: E402
 from keras_mtp import report as report_lib  # noqa: E402
+from keras_mtp import validation  # noqa: E402
 
 # Every supported keras-hub family (keras_mtp.backbones.FAMILIES).
 BACKBONES = backbones.FAMILY_NAMES
@@ -192,29 +192,23 @@ def _field_type(field):
     return kind
 
 
-def _range_text(field):
-    """`field`'s range as text (`an int >= 1`, `a finite float in (0, 1)`),
-    or None for a field that is not a number."""
+_BOUNDS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
+
+
+def _number(field):
+    """`check_number`'s arguments for a number field, or None."""
     kind = _field_type(field)
     if kind not in (int, float):
         return None
-    m = field.metadata
-    low = high = None
-    if "minimum" in m:
-        low = ("[", ">=", m["minimum"])
-    elif "exclusive_minimum" in m:
-        low = ("(", ">", m["exclusive_minimum"])
-    if "maximum" in m:
-        high = ("]", "<=", m["maximum"])
-    elif "exclusive_maximum" in m:
-        high = (")", "<", m["exclusive_maximum"])
-    text = "an int" if kind is int else "a finite float"
-    if low and high:
-        text += f" in {low[0]}{low[2]}, {high[2]}{high[0]}"
-    elif low or high:
-        _, sign, bound = low or high
-        text += f" {sign} {bound}"
-    return text + (" (or None)" if field.default is None else "")
+    bounds = {k: v for k, v in field.metadata.items() if k in _BOUNDS}
+    return dict(kind=kind, optional=field.default is None, **bounds)
+
+
+def _range_text(field):
+    """`field`'s range as text (`an int >= 1`, `a finite float in (0, 1)`),
+    or None for a field that is not a number."""
+    number = _number(field)
+    return number and validation.number_text(**number)
 
 
 def check_range(field, value):
@@ -223,24 +217,9 @@ def check_range(field, value):
     (`knob`'s `minimum`, `maximum`, `exclusive_minimum`,
     `exclusive_maximum`). Other fields, and None for an optional one, pass.
     """
-    kind = _field_type(field)
-    if kind not in (int, float) or (value is None and field.default is None):
-        return
-    m = field.metadata
-    valid = (
-        isinstance(value, numbers.Integral if kind is int else numbers.Real)
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(value)
-        and value >= m.get("minimum", -math.inf)
-        and value > m.get("exclusive_minimum", -math.inf)
-        and value <= m.get("maximum", math.inf)
-        and value < m.get("exclusive_maximum", math.inf)
-    )
-    if not valid:
-        raise ValueError(
-            f"`{field.name}` must be {_range_text(field)}. Received: "
-            f"{field.name}={value!r}"
-        )
+    number = _number(field)
+    if number:
+        validation.check_number(value, field.name, **number)
 
 
 def _help(field):

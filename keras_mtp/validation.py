@@ -6,6 +6,7 @@ coerces silently: a check that returns a value returns the argument as the
 plain Python type it was checked as.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -68,17 +69,65 @@ def check_choice(value, name, choices):
         )
 
 
-def check_float(value, name, minimum=0.0, maximum=float("inf")):
+def number_text(
+    kind,
+    minimum=None,
+    maximum=None,
+    exclusive_minimum=None,
+    exclusive_maximum=None,
+    optional=False,
+):
+    """A range as text: `an int >= 1`, `a finite float in (0, 1)`."""
+    low = high = None
+    if minimum is not None:
+        low = ("[", ">=", minimum)
+    elif exclusive_minimum is not None:
+        low = ("(", ">", exclusive_minimum)
+    if maximum is not None:
+        high = ("]", "<=", maximum)
+    elif exclusive_maximum is not None:
+        high = (")", "<", exclusive_maximum)
+    text = "an int" if kind is int else "a finite float"
+    if low and high:
+        text += f" in {low[0]}{low[2]}, {high[2]}{high[0]}"
+    elif low or high:
+        _, sign, bound = low or high
+        text += f" {sign} {bound}"
+    return text + (" (or None)" if optional else "")
+
+
+def check_number(value, name, kind, optional=False, **bounds):
+    """`value` as a Python `kind` (int or float), or None if `optional`; a
+    `ValueError` naming it unless it is an integer (`kind=int`; NumPy's
+    too, never a bool) or a finite real number (`kind=float`) within
+    `bounds`: `minimum`, `maximum` (inclusive), `exclusive_minimum`,
+    `exclusive_maximum`, as in JSON Schema."""
+    if value is None and optional:
+        return None
+    inf = float("inf")
+    valid = (
+        isinstance(value, numbers.Integral if kind is int else numbers.Real)
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+        and value >= _bound(bounds, "minimum", -inf)
+        and value > _bound(bounds, "exclusive_minimum", -inf)
+        and value <= _bound(bounds, "maximum", inf)
+        and value < _bound(bounds, "exclusive_maximum", inf)
+    )
+    if not valid:
+        raise ValueError(
+            f"`{name}` must be {number_text(kind, optional=optional, **bounds)}"
+            f". Received: {name}={value!r}"
+        )
+    return kind(value)
+
+
+def _bound(bounds, key, default):
+    value = bounds.get(key)
+    return default if value is None else value
+
+
+def check_float(value, name, minimum=0.0, maximum=None):
     """`value` as a Python float; a `ValueError` naming it unless it is a
     finite real number (no bool) in `[minimum, maximum]`."""
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, (bool, np.bool_))
-        or not minimum <= value <= maximum
-        or value == float("inf")
-    ):
-        raise ValueError(
-            f"`{name}` must be a finite number in [{minimum}, {maximum}]. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
+    return check_number(value, name, float, minimum=minimum, maximum=maximum)

@@ -22,7 +22,7 @@ def test_check_int():
 def test_check_float():
     assert validation.check_float(np.float32(0.5), "x", maximum=1.0) == 0.5
     for bad in (True, float("nan"), float("inf"), -0.1, 1.5, "0.5", None):
-        with pytest.raises(ValueError, match=r"`x` must be a finite number"):
+        with pytest.raises(ValueError, match=r"finite float in \[0.0, 1.0\]"):
             validation.check_float(bad, "x", maximum=1.0)
 
 
@@ -58,3 +58,14 @@ def test_make_distribution_checks_its_arguments():
     with pytest.raises(ValueError, match="batch_size=0"):
         distribution.make_distribution("none", "llama", 1, 0)
     assert distribution.make_distribution("none", "llama", 1, 8) is None
+
+
+def test_check_number_ranges():
+    assert validation.check_number(None, "n", int, optional=True) is None
+    assert validation.check_number(3, "n", int, minimum=1) == 3
+    with pytest.raises(ValueError, match=r"`n` must be an int >= 1 \(or"):
+        validation.check_number(0, "n", int, optional=True, minimum=1)
+    with pytest.raises(ValueError, match=r"a finite float in \(0, 1\)"):
+        validation.check_number(
+            1.0, "f", float, exclusive_minimum=0, exclusive_maximum=1
+        )
