@@ -456,47 +456,18 @@ def set_up(config):
     return run
 
 
-@dataclasses.dataclass
-class Corpus:
-    """The tokenized corpus: token files of the training and validation
-    files, and what the model needs to know of the tokenizer."""
-
-    num_files: int
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    tokenizer: typing.Any
-    vocabulary_size: int
-    kept_bytes: int
-    num_bytes: int
-
-
 def load_data(config):
-    """Tokenizes the corpus once into `<output_dir>/../.token_cache`, shared
-    by every process (each writes it atomically if it is missing)."""
-    tokenizer = data.load_tokenizer(config.tokenizer)
-    # Padded to a multiple of 64 (as nanoGPT does) so the vocabulary divides
-    # any model-parallel mesh axis; the extra ids never occur in the data.
-    vocabulary_size = 64 * math.ceil(data.vocabulary_size(tokenizer) / 64)
-    files = data.list_corpus_files(config.data)
-    train_files, val_files = data.split_files(
-        files, config.validation_fraction, seed=config.seed
-    )
+    """The corpus, tokenized once into `<output_dir>/../.token_cache`,
+    shared by every process (each writes it atomically if it is missing)."""
     cache_dir = os.path.join(
         os.path.dirname(os.path.abspath(config.output_dir)), ".token_cache"
     )
-    tokens = [
-        data.prepare_tokens(split, cache_dir, tokenizer)
-        for split in (train_files, val_files)
-    ]
-    stats = [data.token_file_stats(t) for t in tokens]
-    return Corpus(
-        num_files=len(files),
-        train_tokens=tokens[0],
-        val_tokens=tokens[1],
-        tokenizer=tokenizer,
-        vocabulary_size=vocabulary_size,
-        kept_bytes=sum(s["kept_bytes"] for s in stats),
-        num_bytes=sum(s["bytes"] for s in stats),
+    return data.load_corpus(
+        config.data,
+        config.tokenizer,
+        config.validation_fraction,
+        config.seed,
+        cache_dir,
     )
 
 
