@@ -79,12 +79,8 @@ def datasets(args):
 
 
 def adam(learning_rate, steps):
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0,
-        decay_steps=steps - steps // 10,
-        warmup_target=learning_rate,
-        warmup_steps=steps // 10,
-        alpha=0.1,
+    schedule = keras_mtp.callbacks.warmup_cosine(
+        learning_rate, steps, warmup_steps=steps // 10
     )
     return keras.optimizers.Adam(schedule)
 

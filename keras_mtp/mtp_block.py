@@ -1,13 +1,14 @@
-import numbers
-
 import keras
-import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
 from keras_mtp.inputs import check_length
 from keras_mtp.mtp_layer import MTPLayer
+from keras_mtp.validation import check_int  # also importable from here
+from keras_mtp.validation import check_loss_chunk_size
+from keras_mtp.validation import check_loss_scaling_factor
+from keras_mtp.validation import check_mtp_targets
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -318,50 +319,3 @@ class MTPBlock(keras.layers.Layer):
             config["token_embedding"]
         )
         return cls(**config)
-
-
-def check_loss_scaling_factor(value):
-    """Raises a `ValueError` unless `value` is a finite float >= 0."""
-    try:
-        ok = float(value) >= 0.0 and float(value) != float("inf")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            "The MTP loss scaling factor (λ) must be a finite number >= 0. "
-            f"Received: {value!r}"
-        )
-
-
-MTP_TARGETS = ("labels", "main")
-
-
-def check_mtp_targets(value):
-    """Raises a `ValueError` unless `value` is one of `MTP_TARGETS`."""
-    if not (isinstance(value, str) and value in MTP_TARGETS):
-        raise ValueError(
-            f"`mtp_targets` must be one of {MTP_TARGETS}. Received: "
-            f"mtp_targets={value!r}"
-        )
-
-
-def check_int(value, name, minimum=0):
-    """`value` as a Python int; a `ValueError` naming it unless it is an
-    integer (NumPy's too, never a bool) `>= minimum`."""
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, (bool, np.bool_))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an int >= {minimum}. Received: "
-            f"{name}={value!r} of type {type(value).__name__}"
-        )
-    return int(value)
-
-
-def check_loss_chunk_size(value):
-    """`value` as an int, or None; a `ValueError` unless None or an int >= 1."""
-    if value is None:
-        return None
-    return check_int(value, "loss_chunk_size", minimum=1)

@@ -3,14 +3,17 @@ import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
+from keras_mtp import hf_mtp
 from keras_mtp import inputs as mtp_inputs
 from keras_mtp import ops as mtp_ops
+from keras_mtp import presets
+from keras_mtp import speculative as speculative_lib
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
-from keras_mtp.mtp_block import check_int
-from keras_mtp.mtp_block import check_loss_chunk_size
-from keras_mtp.mtp_block import check_loss_scaling_factor
-from keras_mtp.mtp_block import check_mtp_targets
+from keras_mtp.validation import check_int
+from keras_mtp.validation import check_loss_chunk_size
+from keras_mtp.validation import check_loss_scaling_factor
+from keras_mtp.validation import check_mtp_targets
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -308,8 +311,6 @@ class MTPCausalLM(keras.Model):
             the generated tokens up to each row's stop token. And the stats
             if asked.
         """
-        from keras_mtp import speculative as speculative_lib
-
         no_prompts = isinstance(inputs, (list, tuple)) and not inputs
         if no_prompts and self.preprocessor is None:
             raise ValueError(
@@ -398,8 +399,6 @@ class MTPCausalLM(keras.Model):
         `keras_hub.samplers.Sampler`), but greedy unless given: keras-hub's
         default is `"top_k"`.
         """
-        from keras_mtp import speculative as speculative_lib
-
         self.sampler = speculative_lib.get_sampler(sampler)
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
@@ -692,8 +691,6 @@ class MTPCausalLM(keras.Model):
         model.save_to_preset("./gemma3_1b_mtp")
         ```
         """
-        from keras_mtp import presets
-
         return presets.from_preset(cls, preset, load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
@@ -708,8 +705,6 @@ class MTPCausalLM(keras.Model):
         touched, except an earlier save's `mtp.weights.h5`, removed when
         this model has no MTP depths: the directory then describes exactly
         the model saved."""
-        from keras_mtp import presets
-
         presets.save_to_preset(self, preset_dir)
 
     def export_to_transformers(self, path):
@@ -718,8 +713,6 @@ class MTPCausalLM(keras.Model):
         family's own checkpoints carry them (Qwen3.5; see
         `keras_mtp.hf_mtp`). Other families have no Hugging Face layout for
         MTP weights: `save_to_preset` keeps them."""
-        from keras_mtp import hf_mtp
-
         task = backbones.causal_lm(self.backbone)
         task.preprocessor = self.preprocessor
         task.export_to_transformers(path)
