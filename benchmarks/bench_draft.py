@@ -10,8 +10,9 @@ greedy. For each mode, plain (keras-hub's `generate`) and speculative with
 the full vocabulary and with the K most frequent ids of a corpus sample
 (the standard library through the model's tokenizer), it decodes held-out
 prompts, the modes alternating prompt by prompt and round by round, and
-reports milliseconds per main forward pass (the prefill's included: the
-same prompts in every mode) and the ratio of each speculative mode's to the
+reports milliseconds per main forward pass (marginal: the difference of a
+long and a short decoding of each prompt, so the prefill and fixed costs
+cancel) and the ratio of each speculative mode's to the
 plain one (median over rounds of the paired ratios, with the quartiles).
 Greedy outputs are checked equal to plain decoding's in every mode.
 
@@ -69,18 +70,23 @@ def _quartiles(values):
     return median, q1, q3
 
 
-def speculative_step_ratio(model, prompts, max_length, vocabularies, rounds):
+def speculative_step_ratio(model, prompts, max_lengths, vocabularies, rounds):
     """Milliseconds per main forward pass of plain decoding and of
     speculative decoding with each draft vocabulary of `vocabularies`
-    (`{name: ids or None}`), batch 1, greedy, alternating; the per-round
-    ratio of each speculative mode's cost per step to the plain one's.
+    (`{name: ids or None}`), batch 1, greedy, every mode in turn, and the
+    per-round ratio of each speculative mode's to the plain one's.
+
+    A step's cost is marginal: each prompt is decoded to both of
+    `max_lengths` `(short, long)`, and a round's cost per step is the
+    difference of the seconds over the difference of the main forward
+    passes, so the prefill and each call's fixed costs cancel.
 
     `prompts`: a list of int32 `(1, T)` arrays. Restores the model's own
     draft vocabulary at the end."""
     own = model.draft_vocabulary
     modes = ["plain", *vocabularies]
 
-    def run(mode, prompt):
+    def run(mode, prompt, max_length):
         if mode != "plain":
             model.set_draft_vocabulary(vocabularies[mode])
         start = time.perf_counter()
@@ -94,44 +100,45 @@ def speculative_step_ratio(model, prompts, max_length, vocabularies, rounds):
         return time.perf_counter() - start, outputs["token_ids"], stats
 
     for mode in modes:  # compile every mode
-        run(mode, prompts[0])
-    seconds = {m: [] for m in modes}
-    passes = {m: [] for m in modes}
+        for max_length in max_lengths:
+            run(mode, prompts[0], max_length)
+    step_seconds = {m: [] for m in modes}
     acceptance = {m: [] for m in modes}
     tokens_per_forward = {m: [] for m in modes}
     for r in range(rounds):
-        took = {m: 0.0 for m in modes}
-        forwards = {m: 0 for m in modes}
+        took = {m: [0.0, 0.0] for m in modes}
+        forwards = {m: [0, 0] for m in modes}
         for i, prompt in enumerate(prompts):
             shift = (r * len(prompts) + i) % len(modes)
-            tokens = {}
-            for mode in modes[shift:] + modes[:shift]:
-                elapsed, tokens[mode], stats = run(mode, prompt)
-                took[mode] += elapsed
-                forwards[mode] += stats["forward_passes"]
-                acceptance[mode] += stats["acceptance"][:1]
-                tokens_per_forward[mode].append(stats["tokens_per_forward"])
-            for mode in modes:
-                np.testing.assert_array_equal(tokens[mode], tokens["plain"])
+            for j, max_length in enumerate(max_lengths):
+                tokens = {}
+                for mode in modes[shift:] + modes[:shift]:
+                    elapsed, tokens[mode], stats = run(mode, prompt, max_length)
+                    took[mode][j] += elapsed
+                    forwards[mode][j] += stats["forward_passes"]
+                    if j:
+                        acceptance[mode] += stats["acceptance"][:1]
+                        tokens_per_forward[mode].append(
+                            stats["tokens_per_forward"]
+                        )
+                for mode in modes:
+                    np.testing.assert_array_equal(tokens[mode], tokens["plain"])
         for mode in modes:
-            seconds[mode].append(took[mode])
-            passes[mode].append(forwards[mode])
+            (short, long), (n_short, n_long) = took[mode], forwards[mode]
+            step_seconds[mode].append((long - short) / (n_long - n_short))
     model.set_draft_vocabulary(own)
-
-    def per_step(mode, r):
-        return seconds[mode][r] / passes[mode][r]
 
     result = {}
     for mode in modes:
         entry = {
-            "ms_per_step": round(
-                1e3 * sum(seconds[mode]) / sum(passes[mode]), 3
-            ),
-            "forward_passes": sum(passes[mode]),
+            "ms_per_step": round(1e3 * float(np.median(step_seconds[mode])), 3),
+            "ms_per_step_per_round": [
+                round(1e3 * x, 3) for x in step_seconds[mode]
+            ],
         }
         if mode != "plain":
             ratios = [
-                per_step(mode, r) / per_step("plain", r) for r in range(rounds)
+                x / y for x, y in zip(step_seconds[mode], step_seconds["plain"])
             ]
             median, q1, q3 = _quartiles(ratios)
             entry.update(
@@ -198,7 +205,7 @@ def main(args):
     prompts = []
     for row in corpus_ids(tokenizer, held_out[: args.prompts]):
         prompts.append(row[None, : args.prompt_length].astype("int32"))
-    max_length = args.prompt_length + args.new_tokens
+    max_lengths = [args.prompt_length + n for n in args.new_tokens]
     result = {
         "machine": machine(),
         "preset": args.preset,
@@ -206,11 +213,11 @@ def main(args):
         "batch": 1,
         "prompts": len(prompts),
         "prompt_length": args.prompt_length,
-        "new_tokens": args.new_tokens,
+        "new_tokens": args.new_tokens,  # the short and the long decoding
         "rounds": args.rounds,
         "frequency_tokens": int(sum(len(x) for x in ids)),
         "modes": speculative_step_ratio(
-            model, prompts, max_length, vocabularies, args.rounds
+            model, prompts, max_lengths, vocabularies, args.rounds
         ),
     }
     write_result(result, args.out)
@@ -221,7 +228,7 @@ if __name__ == "__main__":
     parser.add_argument("--preset", required=True)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-length", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[16, 80])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frequency-files", type=int, default=200)
     parser.add_argument("--out")

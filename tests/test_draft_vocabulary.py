@@ -3,6 +3,7 @@ score only K ids, the main model verifies over all V, so greedy output is
 unchanged token for token and sampled output in distribution."""
 
 import collections
+import os
 
 import keras
 import keras_hub
@@ -201,3 +202,31 @@ def test_draft_vocabulary_is_saved_in_presets_and_keras_files(tmp_path):
     np.testing.assert_array_equal(
         loaded.generate(inputs)["token_ids"], expected
     )
+
+
+@pytest.mark.slow
+def test_bench_draft_measures_every_mode(monkeypatch):
+    if keras.config.backend() != "jax":
+        pytest.skip("the benchmark runs on JAX; the JAX test leg runs it")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import bench_draft
+
+    model = copy_heads(
+        keras_mtp.MTPCausalLM(make_backbone("llama"), mtp_num_layers=1)
+    )
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, VOCAB, (1, 4)).astype("int32")]
+    vocabularies = bench_draft.draft_vocabularies(
+        model, [rng.integers(0, VOCAB, 64)], sizes=(8,)
+    )
+    result = bench_draft.speculative_step_ratio(
+        model, prompts, (8, 16), vocabularies, rounds=1
+    )
+    assert list(result) == ["plain", "full", "K=8"]
+    for mode in ("full", "K=8"):  # timings of a tiny model: noise
+        assert np.isfinite(result[mode]["step_ratio"]), result
+    assert result["full"]["acceptance_1"] > 0.99, result
+    cost = bench_draft.acceptance_cost(model, prompts, 16, vocabularies)
+    assert cost["full"]["acceptance_1"] > 0.99, cost
+    assert model.draft_vocabulary is None  # restored
