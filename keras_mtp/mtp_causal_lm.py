@@ -79,6 +79,9 @@ class MTPCausalLM(keras.Model):
             from the trunk, by soft cross-entropy; same positions and
             weights). `"main"` raises `mtp_acceptance_k` for heads trained
             on a frozen trunk; `mtp_accuracy_k` still counts the data.
+        draft_vocabulary: None, or a list of distinct token ids: the ids
+            the depths draft from in speculative decoding (see
+            `set_draft_vocabulary`). Saved with the model.
         compile: bool. If True (the default, as keras-hub's tasks), the
             model is compiled with `compile()`'s defaults on construction,
             so a new or loaded model (`from_preset`,
@@ -123,6 +126,7 @@ class MTPCausalLM(keras.Model):
         mtp_detach_trunk=False,
         loss_chunk_size=None,
         mtp_targets="labels",
+        draft_vocabulary=None,
         compile=True,
         **kwargs,
     ):
@@ -147,6 +151,7 @@ class MTPCausalLM(keras.Model):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
+        self.set_draft_vocabulary(draft_vocabulary)
         self.mtp_block = None
         if mtp_num_layers > 0:
             self.mtp_block = MTPBlock(
@@ -214,6 +219,38 @@ class MTPCausalLM(keras.Model):
                 f"mtp_num_layers=0. Received: {value!r}"
             )
         self.mtp_block.loss_scale.assign(float(value))
+
+    @property
+    def draft_vocabulary(self):
+        """The ids the MTP depths draft from while decoding, int32 `(K,)`,
+        or None for the full vocabulary (see `set_draft_vocabulary`)."""
+        return self._draft_vocabulary
+
+    def set_draft_vocabulary(self, token_ids):
+        """Restricts speculative drafts to `token_ids`, or lifts the
+        restriction with None.
+
+        FR-Spec (Zhao et al. 2025): most accepted drafts are frequent
+        tokens, so each depth's output head scores only the K most frequent
+        ids of the training data (`keras_mtp.speculative.frequent_tokens`)
+        instead of all V. The main model still verifies over the full
+        vocabulary by the same rules, so `generate`'s output is unchanged
+        (greedy: token for token; sampling: in distribution); only a draft
+        the sub-vocabulary cannot express is lost. On SmolLM2-135M (V =
+        49,152, d = 576) a depth's head is the most of its cost.
+
+        The ids are saved by `save_to_preset` and in `.keras` files (in
+        the model's config), and leave training untouched.
+
+        Args:
+            token_ids: a 1-D list or array of distinct ids in
+                `[0, vocabulary_size)`, or None.
+        """
+        from keras_mtp import speculative
+
+        self._draft_vocabulary = speculative.check_draft_vocabulary(
+            token_ids, self.backbone.vocabulary_size
+        )
 
     def call(self, inputs, training=None):
         mtp_inputs.check_structure(inputs)
@@ -734,6 +771,11 @@ class MTPCausalLM(keras.Model):
                 "mtp_detach_trunk": self.mtp_detach_trunk,
                 "loss_chunk_size": self.loss_chunk_size,
                 "mtp_targets": self.mtp_targets,
+                "draft_vocabulary": (
+                    None
+                    if self.draft_vocabulary is None
+                    else self.draft_vocabulary.tolist()
+                ),
             }
         )
         return config
