@@ -246,9 +246,7 @@ class MTPCausalLM(keras.Model):
             token_ids: a 1-D list or array of distinct ids in
                 `[0, vocabulary_size)`, or None.
         """
-        from keras_mtp import speculative
-
-        self._draft_vocabulary = speculative.check_draft_vocabulary(
+        self._draft_vocabulary = speculative_lib.check_draft_vocabulary(
             token_ids, self.backbone.vocabulary_size
         )
 
