@@ -218,8 +218,10 @@ class MTPCausalLM(keras.Model):
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
-        hidden = self.backbone(
-            backbones.backbone_inputs(self.backbone, token_ids, padding_mask)
+        hidden = backbones.call_backbone(
+            self.backbone,
+            backbones.backbone_inputs(self.backbone, token_ids, padding_mask),
+            inputs.get("segment_ids"),
         )  # (B, T, d)
         if not (training or self._mtp_in_evaluate):
             return self._logits(hidden)  # (B, T, V)
