@@ -547,6 +547,8 @@ class MTPCausalLM(keras.Model):
             self.backbone.vocabulary_size,
             self.mtp_num_layers if step else 0,
         )
+        if mtp_inputs.has_segment_ids(x):
+            backbones.check_packing(self.backbone)
         return x, y, sample_weight, batch_size
 
     def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):

@@ -19,9 +19,9 @@ from keras_mtp import ops as mtp_ops
 DEPTHS = 2
 PACKABLE = tuple(f.name for f in backbones.FAMILIES if f.no_packing is None)
 UNPACKABLE = tuple(f.name for f in backbones.FAMILIES if f.no_packing)
-# What the other backends run in every CI pass: one decoder of each way to
-# take the mask (a keyword, Gemma's method) and of each kind of position
-# (RoPE, learned, ALiBi, Gemma4's position ids). The rest is slow-marked.
+# What the other backends run: one decoder of each way to take the mask (a
+# keyword, Gemma's method) and of each kind of position (RoPE, learned,
+# ALiBi, Gemma4's position ids).
 REPRESENTATIVE = ("llama", "gpt2", "gemma", "bloom", "gemma4")
 
 
@@ -29,16 +29,12 @@ def np_(x):
     return ops.convert_to_numpy(x)
 
 
-def families(names):
-    """`names` on JAX; elsewhere the `REPRESENTATIVE` ones, the rest slow."""
+def families(names, others=REPRESENTATIVE):
+    """`names` on JAX; on the other backends only those in `others` (CI
+    runs every test file on each backend, and time is short)."""
     if keras.config.backend() == "jax":
         return list(names)
-    return [
-        name
-        if name in REPRESENTATIVE
-        else pytest.param(name, marks=pytest.mark.slow)
-        for name in names
-    ]
+    return [name for name in names if name in others]
 
 
 def make_model(name, num_layers=DEPTHS, seed=0):
@@ -119,10 +115,10 @@ def batch(*rows_, segments=True):
     return x
 
 
-def depth_losses(model, x):
-    """Per-position cross-entropy `(D, B, T)` of every MTP depth against its
-    target, and its weights `w^k`, with the packed path where `x` has
-    segment ids."""
+def outputs(model, x):
+    """Main logits `(B, T, V)`, and the per-position cross-entropy `(D, B,
+    T)` of every MTP depth against its target with its weights `w^k`;
+    through the packed path where `x` has segment ids."""
     segments = x.get("segment_ids")
     token_ids = ops.convert_to_tensor(x["token_ids"])
     padding_mask = ops.convert_to_tensor(x["padding_mask"])
@@ -146,7 +142,8 @@ def depth_losses(model, x):
         logits = block._head(h, kernel)
         losses.append(np_(mtp_ops.sparse_cross_entropy(logits, targets)))
         weights.append(np_(w))
-    return np.stack(losses), np.stack(weights)
+    logits = np_(block._head(hidden, kernel))
+    return logits, np.stack(losses), np.stack(weights)
 
 
 @pytest.mark.parametrize("name", families(PACKABLE))
@@ -157,10 +154,8 @@ def test_packed_document_gives_what_it_gives_alone(name):
     model = make_model(name)
     packed = batch(row(A, B), row(B, A), row(C, A, B[:3]))
     alone = batch(row(A), row(B), row(C), row(B[:3]), segments=False)
-    logits = np_(model(packed))
-    logits_alone = np_(model(alone))
-    losses, weights = depth_losses(model, packed)
-    losses_alone, weights_alone = depth_losses(model, alone)
+    logits, losses, weights = outputs(model, packed)
+    logits_alone, losses_alone, weights_alone = outputs(model, alone)
     # (packed row, offset) -> alone row, for every document of `packed`.
     places = {
         (0, 0): 0,
@@ -191,9 +186,9 @@ def test_packed_document_gives_what_it_gives_alone(name):
         )
 
 
-@pytest.mark.parametrize("name", families(["llama", "bloom", "falcon"]))
+@pytest.mark.parametrize("name", families(["llama", "bloom"], ["llama"]))
 def test_relative_positions_need_no_restart(name):
-    """RoPE (llama) and ALiBi (bloom, falcon) are relative: B after a
+    """RoPE (llama) and ALiBi (bloom) are relative: B after a
     document of 1000 tokens gives what B gives alone, to 1e-5 in float32, so
     only learned absolute positions are restarted."""
     length = 1024
@@ -232,11 +227,8 @@ def test_unsupported_family_names_itself(name):
     message = f"not supported for the '{name}' family"
     with pytest.raises(ValueError, match=message):
         model(x)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # before any tracing
         model.fit(x, y, verbose=0)
-    # Unpacked rows still train.
-    del x["segment_ids"]
-    model.fit(x, y, verbose=0)
 
 
 # === A training step on packed rows is the step on the documents ============
@@ -258,9 +250,7 @@ def xy(rows_, segments=True):
     return x, y.astype("int32"), w
 
 
-@pytest.mark.parametrize(
-    "name", families(["llama", "gpt2", "gemma", "gemma4", "opt", "falcon"])
-)
+@pytest.mark.parametrize("name", families(["gpt2", "gemma"], ["gpt2"]))
 def test_training_step_on_packed_rows_is_the_step_unpacked(name):
     """Two rows of 12 packing four documents, and the four documents in
     rows of 6, padded (the same 24 token slots, so the main loss's `B·T`
