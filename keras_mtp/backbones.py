@@ -1093,6 +1093,9 @@ def segment_positions(segment_ids):
     index = ops.broadcast_to(index, ops.shape(segments))
     starts = ops.where(_run_starts(segments), index, 0)
     start = ops.associative_scan(ops.maximum, starts, axis=1)
+    # TensorFlow's scan loses the static shape, which keras-hub's position
+    # embedding reads.
+    start = ops.reshape(start, ops.shape(segments))
     return ops.cast(index - start, "int32")
 
 
