@@ -1100,8 +1100,9 @@ def segment_positions(segment_ids):
 
 
 def check_packing(backbone):
-    """Raises a `ValueError` naming the family if its packed rows cannot be
-    kept apart (`Family.no_packing`)."""
+    """Raises a `ValueError` naming the family of `backbone` (an instance or
+    a family name) if its packed rows cannot be kept apart
+    (`Family.no_packing`)."""
     f = family(backbone)
     if f.no_packing is not None:
         raise ValueError(
