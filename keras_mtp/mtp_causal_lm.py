@@ -86,7 +86,10 @@ class MTPCausalLM(keras.Model):
             defaults to the backbone's.
 
     Inputs: a dict with `token_ids` `(B, T)`, `padding_mask` `(B, T)` and
-    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding) — what
+    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding: each
+    document attends only within itself, with its own positions, in the
+    backbone and every MTP depth; see `keras_mtp.backbones.call_backbone`;
+    not for Qwen3.5, which raises) — what
     `keras_hub`'s `CausalLMPreprocessor` yields as `x`, with `y` the next
     tokens and `sample_weight` the main loss weights. Ids must be integers in
     `[0, vocabulary_size)` and every tensor of the shape of `token_ids`:
