@@ -1068,17 +1068,25 @@ def segment_attention_mask(segment_ids):
 
     Query `i` may attend to key `j` iff `j <= i` and both lie in the same
     segment, a run of equal ids: a token sees only the earlier tokens of
-    its own document. A padding query (id 0) may attend to every earlier
-    key, as in an unpacked padded row, so no row of the mask is empty (an
-    empty row is NaN on some attention kernels); no real token attends to
-    padding (the decoder layers AND their padding mask in too). Made by
+    its own document. Id 0 is padding: a padding query may attend to every
+    earlier key, as in an unpacked padded row, so no row of the mask is
+    empty (an empty row is NaN on some attention kernels); a padding key is
+    visible to every later query, where the decoder layers' own padding
+    mask hides it (a real token of id 0 thus stays context for the whole
+    row, e.g. a prompt whose positions no MTP depth trains on). Made by
     broadcasting `(B, T, 1)` against `(B, 1, T)`: the mask is the only
     `(B, T, T)` tensor.
     """
     segments = ops.cast(segment_ids, "int32")
     runs = ops.cumsum(ops.cast(_run_starts(segments), "int32"), axis=1)
     same = ops.expand_dims(runs, 2) == ops.expand_dims(runs, 1)
-    visible = ops.logical_or(same, ops.expand_dims(segments == 0, 2))
+    padding = segments == 0
+    visible = ops.logical_or(
+        same,
+        ops.logical_or(
+            ops.expand_dims(padding, 2), ops.expand_dims(padding, 1)
+        ),
+    )
     index = ops.arange(ops.shape(segments)[1])
     causal = ops.expand_dims(index, 1) >= ops.expand_dims(index, 0)
     return ops.logical_and(visible, ops.expand_dims(causal, 0))

@@ -38,13 +38,14 @@ def numpy_targets_and_weights(x, m, s, k):
 
 def numpy_segment_mask(s):
     """Packed rows' attention: key `j <= i` in query `i`'s run of equal ids,
-    or any key `j <= i` for a padding query (id 0)."""
+    or any key `j <= i` where query `i` or key `j` is padding (id 0)."""
     batch, length = s.shape
     mask = np.zeros((batch, length, length), bool)
     for b in range(batch):
         for i in range(length):
             for j in range(i + 1):
-                mask[b, i, j] = s[b, i] == 0 or all(s[b, j : i + 1] == s[b, i])
+                padding = s[b, i] == 0 or s[b, j] == 0
+                mask[b, i, j] = padding or all(s[b, j : i + 1] == s[b, i])
     return mask
 
 

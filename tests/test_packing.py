@@ -48,7 +48,8 @@ def make_model(name, num_layers=DEPTHS, seed=0):
 
 def numpy_mask_and_positions(segments):
     """Loops: key j is visible to query i iff j <= i and no id change lies
-    in j..i (one run of equal ids), or query i is padding (id 0)."""
+    in j..i (one run of equal ids), or query i or key j is padding (id
+    0)."""
     batch, length = segments.shape
     mask = np.zeros((batch, length, length), bool)
     positions = np.zeros((batch, length), int)
@@ -59,7 +60,8 @@ def numpy_mask_and_positions(segments):
                 start -= 1
             positions[b, i] = i - start
             for j in range(i + 1):
-                mask[b, i, j] = j >= start or segments[b, i] == 0
+                padding = segments[b, i] == 0 or segments[b, j] == 0
+                mask[b, i, j] = j >= start or padding
     return mask, positions
 
 
@@ -69,6 +71,7 @@ def test_segment_mask_and_positions_match_numpy():
             [1, 1, 1, 2, 2, 2, 2, 0, 0],
             [1, 1, 1, 1, 1, 1, 1, 1, 1],
             [3, 3, 1, 1, 3, 0, 0, 0, 0],  # equal ids apart: two documents
+            [0, 0, 0, 1, 1, 2, 2, 2, 0],  # an id-0 prefix
             [0, 0, 0, 0, 0, 0, 0, 0, 0],
         ]
     )
