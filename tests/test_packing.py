@@ -279,3 +279,15 @@ def test_training_step_on_packed_rows_is_the_step_unpacked(name):
         np.testing.assert_allclose(
             np_(v), np_(u), atol=1e-5, err_msg=f"{name}: {v.path}"
         )
+
+
+def test_family_packing_fields_agree():
+    """Only recurrent trunks refuse packing; exactly the families with a
+    learned position table name the layer that restarts it; each packable
+    family has one way to take the mask (the per-family test above checks
+    that the layers take it)."""
+    for f in backbones.FAMILIES:
+        assert bool(f.no_packing) == f.recurrent, f.name
+        assert f.learned_positions == (f.position_layer is not None), f.name
+        ways = (f.attention_mask_kwarg, f.attention_mask_method)
+        assert sum(way is not None for way in ways) == 1, f.name
