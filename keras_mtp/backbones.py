@@ -4,7 +4,8 @@
 supported keras-hub decoder-only text family, which backbone class it is, how
 its token embedding is scaled, which decoder layer an MTP block copies (and
 how that layer's config becomes the full-attention variant), its final norm,
-how its decoder layers take a padding mask and a key/value cache, how its
+how its decoder layers take a padding mask and a key/value cache, how
+packed rows keep documents apart (attention mask, positions), how its
 keras-hub `CausalLM` builds and updates its cache, its layout rules for
 `keras_mtp.distribution`, a tiny test config and the `train.py` config.
 `keras_mtp`, `train.py` and the tests read this table; adding a family is one
