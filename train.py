@@ -119,9 +119,10 @@ class Config:
     )
     packing: bool = knob(
         False,
-        "Add segment_ids so no loss crosses a document boundary. Attention "
-        "still does: keras-hub backbones take no segment mask, so a token "
-        "sees the earlier documents of its row.",
+        "Pack documents into rows with segment_ids: a token attends only "
+        "to its own document, positions restart at each document, and no "
+        "loss crosses a boundary (every family but qwen3_5 and "
+        "qwen3_5_moe).",
     )
     # optimization
     steps: int = knob(1200, "Training steps.", minimum=1)
@@ -178,6 +179,11 @@ class Config:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             check_range(field, getattr(self, field.name))
+        if self.packing:
+            try:
+                backbones.check_packing(self.backbone)
+            except ValueError as e:
+                raise ValueError(f"--packing: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +327,10 @@ def parse_config(argv=None):
     parser.set_defaults(**defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    return Config(**args)
+    try:
+        return Config(**args)
+    except ValueError as e:  # a combination of fields (--packing)
+        parser.error(str(e))
 
 
 def make_backbone(config, vocabulary_size):

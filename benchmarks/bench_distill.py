@@ -160,9 +160,10 @@ def measure(args, model, val, prompts):
     sequences, decoded = decode(args, model, prompts)
     # mtp_acceptance on the decoded text itself: x = the sequences, y the
     # next tokens (the main head's greedy choices, by construction). Segment
-    # 0 (no MTP weight) = the prompt (data), 1 = the generated tokens:
-    # `segment_ids` only zero MTP weights (attention still sees the prompt),
-    # so only positions whose input and targets were all generated count.
+    # 0 (no MTP weight) = the prompt (data), 1 = the generated tokens: a
+    # real token of id 0 stays visible to every later one (the generated
+    # tokens still attend to the prompt), so only the MTP weights change:
+    # only positions whose input and targets were all generated count.
     tokens = sequences[:, :-1]
     segments = np.where(np.arange(tokens.shape[1]) < args.prompt_length, 0, 1)
     x = {

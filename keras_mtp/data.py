@@ -648,7 +648,9 @@ def make_dataset(
         start_step: int. The first batch is batch `start_step` of the run:
             pass the number of steps already trained to resume exactly.
         shuffle: bool. False takes rows in order, `g mod N`.
-        packing: bool. Add `segment_ids`; no loss across file boundaries.
+        packing: bool. Add `segment_ids`: `MTPCausalLM` then keeps the
+            files apart (no attention, loss or position across a file
+            boundary).
         num_shards: int. Processes sharing each global batch.
         shard_index: int in `[0, num_shards)`. This process keeps rows
             `[i * b / P, (i + 1) * b / P)` of every global batch, so the

@@ -1,3 +1,5 @@
+import inspect
+
 import keras
 from keras import ops
 
@@ -65,7 +67,10 @@ class MTPBlock(keras.layers.Layer):
         hidden_states: float tensor `(B, T, d)`, `h^0`.
         token_ids: int tensor `(B, T)`.
         padding_mask: tensor `(B, T)`, 1 for real tokens.
-        segment_ids: optional int tensor `(B, T)` for packed rows, 0 = padding.
+        segment_ids: optional int tensor `(B, T)` for packed rows, 0 = padding:
+            no loss weight crosses a document boundary, and each depth's
+            block attends within its document only (with per-document
+            positions where it takes them).
         training: bool. Passed to the transformer blocks (dropout, MoE loss).
 
     Returns:
@@ -180,7 +185,9 @@ class MTPBlock(keras.layers.Layer):
         kernel = backbones.head_kernel(
             self.token_embedding, detach=self.detach_trunk
         )
-        normed = self._depth_chain(hidden, token_ids, padding_mask, training)
+        normed = self._depth_chain(
+            hidden, token_ids, padding_mask, training, segment_ids
+        )
         targets, weights = zip(
             *(
                 mtp_ops.mtp_targets_and_weights(
@@ -213,9 +220,18 @@ class MTPBlock(keras.layers.Layer):
         `kernel`."""
         return backbones.apply_head(self.token_embedding, hidden_states, kernel)
 
-    def _depth_chain(self, hidden, token_ids, padding_mask, training):
-        """`Norm_k(h^k)` for `k = 1..D`, each `(B, T, d)`, from `h^0`."""
+    def _depth_chain(
+        self, hidden, token_ids, padding_mask, training, segment_ids=None
+    ):
+        """`Norm_k(h^k)` for `k = 1..D`, each `(B, T, d)`, from `h^0`; with
+        `segment_ids`, every block attends within its document only."""
         depths = range(1, self.num_layers + 1)
+        attention_mask = positions = None
+        if segment_ids is not None:
+            attention_mask = backbones.segment_attention_mask(segment_ids)
+            block = self.mtp_layers[0].transformer_block
+            if "positions" in inspect.signature(block.call).parameters:
+                positions = backbones.segment_positions(segment_ids)
         # One lookup for every depth (x[i + k], 0 id beyond the end), so the
         # embedding's gradient is one (V, d) scatter, not one per depth.
         shifted_ids = ops.stack(
@@ -230,7 +246,12 @@ class MTPBlock(keras.layers.Layer):
         normed = []
         for k, layer in zip(depths, self.mtp_layers):
             hidden, hidden_normed = layer(
-                hidden, embeddings[k - 1], padding_mask, training=training
+                hidden,
+                embeddings[k - 1],
+                padding_mask,
+                training=training,
+                attention_mask=attention_mask,
+                positions=positions,
             )
             normed.append(hidden_normed)  # Norm_k(h^k), (B, T, d)
         return normed

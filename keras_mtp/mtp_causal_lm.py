@@ -92,7 +92,10 @@ class MTPCausalLM(keras.Model):
             defaults to the backbone's.
 
     Inputs: a dict with `token_ids` `(B, T)`, `padding_mask` `(B, T)` and
-    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding) — what
+    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding: each
+    document attends only within itself, with its own positions, in the
+    backbone and every MTP depth; see `keras_mtp.backbones.call_backbone`;
+    not for Qwen3.5, which raises) — what
     `keras_hub`'s `CausalLMPreprocessor` yields as `x`, with `y` the next
     tokens and `sample_weight` the main loss weights. Ids must be integers in
     `[0, vocabulary_size)` and every tensor of the shape of `token_ids`:
@@ -256,8 +259,10 @@ class MTPCausalLM(keras.Model):
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
-        hidden = self.backbone(
-            backbones.backbone_inputs(self.backbone, token_ids, padding_mask)
+        hidden = backbones.call_backbone(
+            self.backbone,
+            backbones.backbone_inputs(self.backbone, token_ids, padding_mask),
+            inputs.get("segment_ids"),
         )  # (B, T, d)
         if not (training or self._mtp_in_evaluate):
             return self._logits(hidden)  # (B, T, V)
@@ -579,6 +584,8 @@ class MTPCausalLM(keras.Model):
             self.backbone.vocabulary_size,
             self.mtp_num_layers if step else 0,
         )
+        if mtp_inputs.has_segment_ids(x):
+            backbones.check_packing(self.backbone)
         return x, y, sample_weight, batch_size
 
     def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):

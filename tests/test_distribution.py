@@ -563,3 +563,51 @@ def test_data_parallel_matches_one_device(single_device):
     assert len(model.weights[0].value.sharding.device_set) == 8
     history = fit_history(model, distribution)
     assert_same_history(history, reference)
+
+
+def packed_batch(rows=8, length=12, seed=1):
+    """Rows packing 2 to 4 documents each, some padded: `(x, y, w)` with
+    segment ids and no main-loss weight across a document boundary."""
+    rng = np.random.default_rng(seed)
+    x, _, _ = make_batch(seed=seed, batch=rows, length=length)
+    segments = np.zeros((rows, length), "int32")
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(2, length - 1), 2, replace=False))
+        segments[r] = 1 + np.searchsorted(cuts, np.arange(length), "right")
+        segments[r, length - r % 3 :] = 0  # padding
+    x["padding_mask"] = (segments > 0).astype("int32")
+    x["token_ids"] = np.where(segments > 0, x["token_ids"], 0)
+    x["segment_ids"] = segments
+    y = np.roll(x["token_ids"], -1, axis=1)
+    following = np.roll(segments, -1, axis=1)
+    following[:, -1] = 0
+    w = ((segments == following) & (segments > 0)).astype("float32")
+    return x, y, w
+
+
+@needs_8_devices
+def test_packed_rows_on_a_2x4_mesh_give_the_loss_of_one_device():
+    """GPT-2 (learned positions restarted per document, the segment mask in
+    the trunk and the MTP blocks) evaluated on packed rows, sharded over a
+    2x4 mesh, gives one device's losses."""
+    x, y, w = packed_batch()
+    model = make_shardable_model("gpt2")
+    config, weights = model.get_config(), model.get_weights()
+    reference = model.evaluate(
+        x, y, sample_weight=w, batch_size=8, return_dict=True, verbose=0
+    )
+    mesh = make_mesh((2, 4))
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map_of(model, mesh), batch_dim_name="batch"
+    )
+    with distribution.scope():
+        sharded = keras_mtp.MTPCausalLM.from_config(config)
+        sharded.set_weights(weights)
+        logs = sharded.evaluate(
+            x, y, sample_weight=w, batch_size=8, return_dict=True, verbose=0
+        )
+    assert sorted(logs) == sorted(reference)
+    for key, expected in reference.items():
+        np.testing.assert_allclose(
+            logs[key], expected, rtol=RTOL, atol=ATOL, err_msg=key
+        )

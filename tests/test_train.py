@@ -603,3 +603,47 @@ def test_two_processes_killed_resume_and_reshard(
             assert global_step(model) == 36
             predictions.append(model.predict(x, verbose=0))
     np.testing.assert_allclose(predictions[0], predictions[1], atol=1e-5)
+
+
+def test_packing_trains_with_documents_kept_apart(corpus, tmp_path):
+    """`--packing=true` trains on rows of packed files (segment ids in every
+    batch), and the model it saves keeps packed documents apart: a file's
+    second half after another document gives the logits it gives alone."""
+    output_dir = tmp_path / "packed"
+    stdout = run(
+        command(output_dir, corpus, "--packing=true", "--steps=8")
+        + ["--eval-interval=8", "--mtp-num-layers=1"]
+    )
+    assert "Final metrics after 8 steps" in stdout
+    rows = metrics(output_dir)
+    for key in ("loss", "main_loss", "mtp_loss_1", "val_loss"):
+        assert np.isfinite(float(rows[-1][key])), key
+    with open(os.path.join(output_dir, "config.json")) as f:
+        assert json.load(f)["packing"] is True
+    model = keras.models.load_model(os.path.join(output_dir, "model.keras"))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(1, 256, size=(2, 16)).astype("int32")
+    ones = np.ones((1, 32), "int32")
+    packed = {
+        "token_ids": np.concatenate([a, b])[None],
+        "padding_mask": ones,
+        "segment_ids": np.repeat([[1, 2]], 16, axis=1).astype("int32"),
+    }
+    alone = {"token_ids": b[None], "padding_mask": ones[:, :16]}
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(packed))[0, 16:],
+        keras.ops.convert_to_numpy(model(alone))[0],
+        atol=1e-5,
+    )
+
+
+def test_packing_is_refused_for_qwen3_5_before_anything_is_built(capsys):
+    sys.path.insert(0, ROOT)
+    import train
+
+    for name in ("qwen3_5", "qwen3_5_moe"):
+        with pytest.raises(SystemExit):
+            train.parse_config([f"--backbone={name}", "--packing=true"])
+        error = capsys.readouterr().err
+        assert "--packing: Packed rows" in error, error
+        assert f"'{name}' family" in error, error
