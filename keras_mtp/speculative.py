@@ -586,10 +586,9 @@ class _Loop:
         sampler: a keras-hub `Sampler` whose distribution is known
             (`SAMPLING`), or None for greedy decoding.
 
-    The output head's kernel is laid out for decoding once per call
-    (`backbones.decoding_kernel`): `(d, V)` for verification, and for the
-    drafts `(d, K)`, the columns of the draft vocabulary if there is one.
-    Depth k then scores only those K ids: greedy, its draft is the best of
+    With a draft vocabulary of K ids, their rows of the output head's
+    kernel are gathered once per call (`backbones.decoding_kernel`), and
+    depth k scores only those K ids: greedy, its draft is the best of
     them; sampling, `q` is the sampler's distribution over them, zero
     elsewhere. The main model still verifies over the full vocabulary with
     the same rules, so the output does not change, only how often drafts
@@ -607,17 +606,11 @@ class _Loop:
         self.stop_token_ids = stop_token_ids
         self.ragged = ragged
         self.sampler = sampler
-        # keras-hub's `call_with_cache` computes the logits through the
-        # stored `(V, d)` table. Under `jit`, XLA drops them when unused, so
-        # the loop reads the `(d, V)` kernel instead (on TensorFlow and
-        # eager torch both heads would run).
-        self.own_head = keras.config.backend() == "jax"
 
     def __call__(self, token_ids, padding_mask, seed, draft_vocabulary=None):
         batch, self.length = token_ids.shape
-        self.head = backbones.decoding_kernel(self.embedding)  # (d, V)
         self.draft_ids = self.slots = None
-        self.draft_head = self.head
+        self.draft_head = backbones.decoding_kernel(self.embedding)
         if draft_vocabulary is not None and self.depths:
             ids = ops.cast(draft_vocabulary, "int32")
             size, vocabulary = ids.shape[0], self.embedding.input_dim
@@ -715,10 +708,6 @@ class _Loop:
             start,
             ops.logical_not(prompt_positions),
         )
-        if self.own_head:
-            logits = backbones.decoding_logits(
-                self.embedding, hidden, self.head
-            )
         # Offsets 1 .. D + 1 of the window: the positions start + 1 ..
         positions = start + 1 + ops.arange(window, dtype="int32")
         forced = ops.slice(inputs.forced, [0, start + 1], [batch, window])
