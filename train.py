@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -40,8 +39,11 @@ import numpy as np  # noqa: E402
 
 import keras_mtp  # noqa: E402
 from keras_mtp import backbones  # noqa: E402
+from keras_mtp import checkpoint  # noqa: E402
 from keras_mtp import data  # noqa: E402
 from keras_mtp import flops  # noqa: E402
+from keras_mtp import report as report_lib  # noqa: E402
+from keras_mtp import validation  # noqa: E402
 
 # Every supported keras-hub family (keras_mtp.backbones.FAMILIES).
 BACKBONES = backbones.FAMILY_NAMES
@@ -117,9 +119,10 @@ class Config:
     )
     packing: bool = knob(
         False,
-        "Add segment_ids so no loss crosses a document boundary. Attention "
-        "still does: keras-hub backbones take no segment mask, so a token "
-        "sees the earlier documents of its row.",
+        "Pack documents into rows with segment_ids: a token attends only "
+        "to its own document, positions restart at each document, and no "
+        "loss crosses a boundary (every family but qwen3_5 and "
+        "qwen3_5_moe).",
     )
     # optimization
     steps: int = knob(1200, "Training steps.", minimum=1)
@@ -190,6 +193,11 @@ class Config:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             check_range(field, getattr(self, field.name))
+        if self.packing:
+            try:
+                backbones.check_packing(self.backbone)
+            except ValueError as e:
+                raise ValueError(f"--packing: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -204,29 +212,23 @@ def _field_type(field):
     return kind
 
 
-def _range_text(field):
-    """`field`'s range as text (`an int >= 1`, `a finite float in (0, 1)`),
-    or None for a field that is not a number."""
+_BOUNDS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
+
+
+def _number(field):
+    """`check_number`'s arguments for a number field, or None."""
     kind = _field_type(field)
     if kind not in (int, float):
         return None
-    m = field.metadata
-    low = high = None
-    if "minimum" in m:
-        low = ("[", ">=", m["minimum"])
-    elif "exclusive_minimum" in m:
-        low = ("(", ">", m["exclusive_minimum"])
-    if "maximum" in m:
-        high = ("]", "<=", m["maximum"])
-    elif "exclusive_maximum" in m:
-        high = (")", "<", m["exclusive_maximum"])
-    text = "an int" if kind is int else "a finite float"
-    if low and high:
-        text += f" in {low[0]}{low[2]}, {high[2]}{high[0]}"
-    elif low or high:
-        _, sign, bound = low or high
-        text += f" {sign} {bound}"
-    return text + (" (or None)" if field.default is None else "")
+    bounds = {k: v for k, v in field.metadata.items() if k in _BOUNDS}
+    return dict(kind=kind, optional=field.default is None, **bounds)
+
+
+def _range_text(field):
+    """`field`'s range as text (`an int >= 1`, `a finite float in (0, 1)`),
+    or None for a field that is not a number."""
+    number = _number(field)
+    return number and validation.number_text(**number)
 
 
 def check_range(field, value):
@@ -235,24 +237,9 @@ def check_range(field, value):
     (`knob`'s `minimum`, `maximum`, `exclusive_minimum`,
     `exclusive_maximum`). Other fields, and None for an optional one, pass.
     """
-    kind = _field_type(field)
-    if kind not in (int, float) or (value is None and field.default is None):
-        return
-    m = field.metadata
-    valid = (
-        isinstance(value, numbers.Integral if kind is int else numbers.Real)
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(value)
-        and value >= m.get("minimum", -math.inf)
-        and value > m.get("exclusive_minimum", -math.inf)
-        and value <= m.get("maximum", math.inf)
-        and value < m.get("exclusive_maximum", math.inf)
-    )
-    if not valid:
-        raise ValueError(
-            f"`{field.name}` must be {_range_text(field)}. Received: "
-            f"{field.name}={value!r}"
-        )
+    number = _number(field)
+    if number:
+        validation.check_number(value, field.name, **number)
 
 
 def _help(field):
@@ -354,7 +341,10 @@ def parse_config(argv=None):
     parser.set_defaults(**defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    return Config(**args)
+    try:
+        return Config(**args)
+    except ValueError as e:  # a combination of fields (--packing)
+        parser.error(str(e))
 
 
 def make_backbone(config, vocabulary_size):
@@ -393,102 +383,14 @@ def build_model(config, vocabulary_size):
         ),
         loss_chunk_size=config.loss_chunk_size,
     )
-    warmup = min(config.warmup_steps, config.steps - 1)
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else config.learning_rate,
-        warmup_target=config.learning_rate if warmup else None,
-        warmup_steps=warmup,
-        decay_steps=config.steps - warmup,
-        alpha=config.min_learning_rate_ratio,
+    learning_rate = keras_mtp.callbacks.warmup_cosine(
+        config.learning_rate,
+        config.steps,
+        config.warmup_steps,
+        config.min_learning_rate_ratio,
     )
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     return model
-
-
-# === Distribution ============================================================
-
-
-def initialize_processes(config):
-    """Starts multi-host JAX when asked by flags or the standard variables."""
-    env = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
-    num_processes = config.num_processes or (int(env) if env else 1)
-    if num_processes <= 1:
-        return
-    if keras.config.backend() != "jax":
-        raise ValueError(
-            "Multi-process training needs the JAX backend. Received: "
-            f"KERAS_BACKEND={keras.config.backend()}"
-        )
-    import jax
-
-    # CPU processes exchange gradients over gloo; GPUs and TPUs ignore this.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    keras.distribution.initialize(
-        job_addresses=config.coordinator_address,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-    )
-
-
-def make_distribution(config):
-    """The `keras.distribution` of `config`, or None for one device.
-
-    The layout map comes from the backbone family and the MTP settings
-    alone (no model is built here): build the model inside
-    `distribution.scope()` and each weight is created sharded.
-    """
-    if config.distribution == "none":
-        return None
-    if keras.config.backend() != "jax":
-        raise ValueError(
-            f"--distribution={config.distribution} needs the JAX backend. "
-            f"Received: KERAS_BACKEND={keras.config.backend()}"
-        )
-    import jax
-
-    devices = keras.distribution.list_devices()
-    # Each process feeds its own rows of every global batch (data.py shards
-    # deterministically), so Keras must not shard the dataset again.
-    if config.distribution == "data":
-        if config.batch_size % len(devices):
-            raise ValueError(
-                f"--distribution=data splits the batch over all "
-                f"{len(devices)} devices: batch_size={config.batch_size} "
-                "must be a multiple of it."
-            )
-        return keras.distribution.DataParallel(
-            devices=devices, auto_shard_dataset=False
-        )
-    try:
-        shape = tuple(int(n) for n in config.mesh.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 2 or math.prod(shape) != len(devices):
-        raise ValueError(
-            "--distribution=model needs --mesh=BATCH,MODEL with "
-            f"BATCH·MODEL = {len(devices)} devices. Received: "
-            f"mesh={config.mesh!r}"
-        )
-    # The batch splits over the batch axis only (the model axis holds
-    # copies of each row), and each process holds whole batch shards.
-    batch_axis, processes = shape[0], jax.process_count()
-    if config.batch_size % batch_axis or batch_axis % processes:
-        raise ValueError(
-            f"--distribution=model splits the batch over the batch axis of "
-            f"--mesh={config.mesh} ({batch_axis}), which {processes} "
-            f"process(es) share: batch_size={config.batch_size} must be a "
-            "multiple of the batch axis, and the batch axis of the process "
-            "count."
-        )
-    mesh = keras.distribution.DeviceMesh(
-        shape, axis_names=("batch", "model"), devices=devices
-    )
-    layout_map = keras_mtp.distribution.get_layout_map(
-        mesh, config.backbone, mtp_num_layers=config.mtp_num_layers
-    )
-    return keras.distribution.ModelParallel(
-        layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
-    )
 
 
 # === Run directory ===========================================================
@@ -511,191 +413,6 @@ def checkpoint_directory(config):
     return os.path.join(os.path.abspath(config.output_dir), "checkpoints")
 
 
-def complete_checkpoints(directory):
-    """The numbers (epochs) of the complete checkpoints, newest first.
-
-    Orbax writes a checkpoint under a temporary name and renames it to its
-    number once every process has written its shards, so one killed
-    mid-write is never listed.
-    """
-    if not os.path.isdir(directory):
-        return []
-    names = os.listdir(directory)
-    return sorted((int(name) for name in names if name.isdigit()), reverse=True)
-
-
-def _flatten(tree, prefix=""):
-    """`{"a": {"b": x}}` -> `{"a/b": x}`: variable paths to values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _abstract_state(path, state):
-    """JAX: the checkpoint's arrays as `jax.ShapeDtypeStruct`s placed like
-    the model's variables (`state`), so that Orbax reshards them onto the
-    current devices whatever the writers' topology; the rest (metrics not
-    built yet) replicated. Other backends: None (Orbax reads numpy)."""
-    if keras.config.backend() != "jax":
-        return None
-    import jax
-    from orbax.checkpoint import v1 as ocp
-
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    else:
-        mesh = distribution.device_mesh.backend_mesh
-        default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def abstract(meta, ref):
-        if isinstance(meta, dict):
-            ref = ref if isinstance(ref, dict) else {}
-            return {k: abstract(v, ref.get(k)) for k, v in meta.items()}
-        sharding = getattr(ref, "sharding", None) or default
-        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
-
-    metadata = ocp.pytree_metadata(path, checkpointable_name="pytree")
-    return abstract(metadata.metadata, state)
-
-
-def load_checkpoint(model, path):
-    """`model.load_weights` for one Orbax checkpoint `path`, strictly.
-
-    Keras 3.15's takes the checkpoints' directory and only reads the newest
-    one, and it skips variables whose paths do not match; here every
-    weight, non-trainable variable and optimizer variable of `model` must
-    be in the checkpoint with its shape, and nothing else.
-    """
-    from orbax.checkpoint import v1 as ocp
-
-    state = model.get_state_tree()
-    target = _abstract_state(path, state)
-    loaded = ocp.load_checkpointables(path, {"pytree": target})["pytree"]
-    keys = ("trainable_variables", "non_trainable_variables")
-    keys += ("optimizer_variables",)
-    for key in keys:
-        want, have = _flatten(state.get(key, {})), _flatten(loaded.get(key, {}))
-        if want.keys() != have.keys():
-            raise ValueError(
-                f"{path} holds other {key} than the model: missing "
-                f"{sorted(want.keys() - have.keys())[:3]}, unexpected "
-                f"{sorted(have.keys() - want.keys())[:3]}"
-            )
-        for name, value in want.items():
-            if tuple(value.shape) != tuple(np.shape(have[name])):
-                raise ValueError(
-                    f"{path}: {name} has shape {np.shape(have[name])}, the "
-                    f"model's has {tuple(value.shape)}"
-                )
-    model.set_state_tree({key: loaded[key] for key in keys if key in loaded})
-
-
-def restore_checkpoint(model, directory):
-    """Loads the newest checkpoint of `directory` that loads into `model`:
-    weights, optimizer state (its step included) and λ, resharded onto the
-    current distribution. One that fails to load (corrupt) is reported and
-    the one before it tried; once one loads, those that failed are moved
-    aside (`set_aside`), since Orbax refuses to write their numbers again.
-    If none loads, a `ValueError` says why, never a silent restart from
-    step 0, and nothing is moved. Returns the checkpoint's number or None.
-    """
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    failures = []
-    for number in complete_checkpoints(directory):
-        path = os.path.join(directory, str(number))
-        try:
-            load_checkpoint(model, path)
-        except Exception as e:  # corrupt, truncated or foreign files
-            failures.append((path, f"{path}: {type(e).__name__}: {e}"))
-            print(f"Cannot restore {failures[-1][1]}", file=sys.stderr)
-            continue
-        for failed, _ in failures:
-            set_aside(failed, directory)
-        return number
-    if failures:
-        raise ValueError(
-            f"No checkpoint in {directory} can be restored, so the run "
-            "cannot resume; move the directory away to start afresh.\n"
-            + "\n".join(message for _, message in failures)
-        )
-    return None
-
-
-def set_aside(path, directory):
-    """Moves the checkpoint `path` of `directory` to `<directory>.corrupt/`
-    (its number, then `-1`, `-2`, ... if taken) and says where: kept for
-    inspection, never deleted or written over. Process 0 moves it, before
-    its first training step; the other processes cannot finish that step
-    (a collective) without it, so none saves a checkpoint before the move.
-    """
-    if keras.config.backend() == "jax":
-        import jax
-
-        if jax.process_index() > 0:
-            return
-    aside = directory + ".corrupt"
-    os.makedirs(aside, exist_ok=True)
-    name = os.path.basename(path)
-    target, n = os.path.join(aside, name), 0
-    while os.path.lexists(target):
-        n += 1
-        target = os.path.join(aside, f"{name}-{n}")
-    os.rename(path, target)
-    print(
-        f"Moved {path} to {target} (kept for inspection; training goes on "
-        "from the checkpoint before it)",
-        file=sys.stderr,
-    )
-
-
-class StopAtStep(keras.callbacks.Callback):
-    """Ends training after exactly `steps` steps: the last evaluation
-    interval is cut short when `steps_per_epoch` does not divide `steps`
-    (it is still evaluated, logged and checkpointed)."""
-
-    def __init__(self, steps, steps_per_epoch):
-        super().__init__()
-        self.steps = steps
-        self.steps_per_epoch = steps_per_epoch
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._epoch * self.steps_per_epoch + batch + 1 >= self.steps:
-            self.model.stop_training = True
-
-
-class Synchronous(keras.callbacks.Callback):
-    """Keeps Keras from reading evaluation logs on a background thread.
-
-    With several processes, reading a global array is a computation every
-    process must run in the same order; Keras' asynchronous callback thread
-    can interleave its reads differently with the main thread's in each
-    process (two processes on gloo deadlocked in `evaluate`). A callback
-    that defines `on_test_batch_end` turns that thread off. (Training is
-    synchronous already: `StopAtStep` defines `on_train_batch_end`.)
-    """
-
-    def on_test_batch_end(self, batch, logs=None):
-        pass
-
-
-class MetricsCSV(keras.callbacks.CSVLogger):
-    """`CSVLogger` whose `mfu` column reads "n/a" where the device's peak
-    FLOP/s is unknown (`Throughput` then leaves `mfu` out of the logs)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, {"mfu": "n/a", **(logs or {})})
-
-
 def read_metrics(path):
     if not os.path.exists(path):
         return []
@@ -716,105 +433,15 @@ def truncate_metrics(path, epochs):
         writer.writerows(rows)
 
 
-def plot_losses(train_rows, eval_rows, mtp_num_layers, path):
-    """`losses.png`: main and per-depth losses; training every
-    `--log-interval` steps (`train_losses.csv`), validation at each
-    evaluation (`metrics.csv`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["main_loss"] + [
-        f"mtp_loss_{k}" for k in range(1, mtp_num_layers + 1)
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    panels = (
-        (axes[0], train_rows, "", "train", None),
-        (axes[1], eval_rows, "val_", "validation", "o"),
-    )
-    for ax, rows, prefix, title, marker in panels:
-        for key in keys:
-            if rows and prefix + key in rows[0]:
-                steps = [int(row["step"]) for row in rows]
-                values = [float(row[prefix + key]) for row in rows]
-                ax.plot(steps, values, marker=marker, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy (nats per token)")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def summary_table(logs, mtp_num_layers):
-    """Final loss and accuracy per head, train and validation, as text."""
-
-    def cell(key):
-        return f"{float(logs[key]):10.4f}" if key in logs else f"{'-':>10}"
-
-    heads = [("main (token +1)", "main_loss", "sparse_categorical_accuracy")]
-    heads += [
-        (
-            f"MTP depth {k} (token +{k + 1})",
-            f"mtp_loss_{k}",
-            f"mtp_accuracy_{k}",
-        )
-        for k in range(1, mtp_num_layers + 1)
-    ]
-    lines = [
-        f"{'head':<24}{'train loss':>12}{'val loss':>12}"
-        f"{'train acc':>12}{'val acc':>12}"
-    ]
-    for name, loss, accuracy in heads:
-        lines.append(
-            f"{name:<24}  {cell(loss)}  {cell('val_' + loss)}"
-            f"  {cell(accuracy)}  {cell('val_' + accuracy)}"
-        )
-    return "\n".join(lines)
-
-
-def report_speculation(model, dataset, config, num_prompts=4):
-    """Decodes validation prompts with the MTP heads as drafters and prints
-    what speculation buys: tokens per main forward pass and acceptance."""
-    prompt_length = max(config.sequence_length // 4, 1)
-    # GPT-2's and OPT's position tables end at sequence_length; drafts look
-    # D ahead.
-    max_length = config.sequence_length - config.mtp_num_layers
-    if max_length <= prompt_length:
-        return
-    x, _, _ = next(iter(dataset))
-    prompts = np.asarray(x["token_ids"])[:num_prompts, :prompt_length]
-    positions = forward_passes = 0
-    acceptance = []
-    for prompt in prompts:  # batch 1: each prompt advances on its own
-        _, stats = model.generate(
-            prompt, max_length=max_length, return_stats=True
-        )
-        positions += max_length - prompt_length
-        forward_passes += stats["forward_passes"]
-        acceptance.append(stats["acceptance"])
-    rates = ", ".join(
-        f"depth {k}: {rate:.2f}"
-        for k, rate in enumerate(np.mean(acceptance, axis=0), start=1)
-    )
-    print(
-        f"Speculative decoding of {len(prompts)} validation prompts "
-        f"({prompt_length} + {max_length - prompt_length} tokens, greedy): "
-        f"{positions / forward_passes:.2f} tokens per main forward pass "
-        f"(at most {config.mtp_num_layers + 1}); draft acceptance {rates}"
-    )
-
-
 # === Main: set-up, data, model, callbacks, training, report =================
 
 
 def set_up(config):
     """Starts the processes and prepares the run directory: `config.json`,
     checked against the one a resumed run saved."""
-    initialize_processes(config)
+    keras_mtp.distribution.initialize_processes(
+        config.num_processes, config.coordinator_address, config.process_id
+    )
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax: lines per save
@@ -827,7 +454,7 @@ def set_up(config):
         run.directory = os.path.join(run.directory, f"process_{run.process}")
     os.makedirs(run.directory, exist_ok=True)
     config_dict = dataclasses.asdict(config)
-    if complete_checkpoints(checkpoint_directory(config)):
+    if checkpoint.complete_checkpoints(checkpoint_directory(config)):
         try:
             with open(run.path("config.json")) as f:
                 saved = json.load(f)
@@ -852,47 +479,18 @@ def set_up(config):
     return run
 
 
-@dataclasses.dataclass
-class Corpus:
-    """The tokenized corpus: token files of the training and validation
-    files, and what the model needs to know of the tokenizer."""
-
-    num_files: int
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    tokenizer: typing.Any
-    vocabulary_size: int
-    kept_bytes: int
-    num_bytes: int
-
-
 def load_data(config):
-    """Tokenizes the corpus once into `<output_dir>/../.token_cache`, shared
-    by every process (each writes it atomically if it is missing)."""
-    tokenizer = data.load_tokenizer(config.tokenizer)
-    # Padded to a multiple of 64 (as nanoGPT does) so the vocabulary divides
-    # any model-parallel mesh axis; the extra ids never occur in the data.
-    vocabulary_size = 64 * math.ceil(data.vocabulary_size(tokenizer) / 64)
-    files = data.list_corpus_files(config.data)
-    train_files, val_files = data.split_files(
-        files, config.validation_fraction, seed=config.seed
-    )
+    """The corpus, tokenized once into `<output_dir>/../.token_cache`,
+    shared by every process (each writes it atomically if it is missing)."""
     cache_dir = os.path.join(
         os.path.dirname(os.path.abspath(config.output_dir)), ".token_cache"
     )
-    tokens = [
-        data.prepare_tokens(split, cache_dir, tokenizer)
-        for split in (train_files, val_files)
-    ]
-    stats = [data.token_file_stats(t) for t in tokens]
-    return Corpus(
-        num_files=len(files),
-        train_tokens=tokens[0],
-        val_tokens=tokens[1],
-        tokenizer=tokenizer,
-        vocabulary_size=vocabulary_size,
-        kept_bytes=sum(s["kept_bytes"] for s in stats),
-        num_bytes=sum(s["bytes"] for s in stats),
+    return data.load_corpus(
+        config.data,
+        config.tokenizer,
+        config.validation_fraction,
+        config.seed,
+        cache_dir,
     )
 
 
@@ -922,7 +520,7 @@ def make_model(config, vocabulary_size):
     the run is resumed."""
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, vocabulary_size)
-    restore_checkpoint(model, checkpoint_directory(config))
+    checkpoint.restore_checkpoint(model, checkpoint_directory(config))
     return model
 
 
@@ -942,7 +540,7 @@ def make_callbacks(config, run, model, steps_per_epoch):
         switch = config.mtp_schedule_switch * config.steps
         callbacks.append(
             keras_mtp.callbacks.MTPLossScheduler(
-                lambda step: 0.3 if step < switch else 0.1
+                keras_mtp.callbacks.deepseek_v3_schedule(switch)
             )
         )
     peak = None
@@ -953,9 +551,9 @@ def make_callbacks(config, run, model, steps_per_epoch):
         peak = flops.peak_flops_per_device(kind)
         peak = peak and peak * jax.device_count()
     if run.processes > 1:
-        callbacks.append(Synchronous())
+        callbacks.append(keras_mtp.callbacks.SynchronousEvaluation())
     callbacks += [
-        StopAtStep(config.steps, steps_per_epoch),
+        keras_mtp.callbacks.StopAtStep(config.steps, steps_per_epoch),
         keras_mtp.callbacks.Throughput(
             config.batch_size * config.sequence_length,
             flops.training_flops_per_token(model, config.sequence_length),
@@ -964,7 +562,7 @@ def make_callbacks(config, run, model, steps_per_epoch):
         keras_mtp.callbacks.TrainingLossLog(
             run.path("train_losses.csv"), config.log_interval
         ),
-        MetricsCSV(run.path("metrics.csv"), append=True),
+        keras_mtp.callbacks.MetricsCSV(run.path("metrics.csv"), append=True),
         keras.callbacks.TensorBoard(run.path("tensorboard")),
     ]
     if addressable(config, run):
@@ -993,7 +591,7 @@ def train(config, run, model, corpus):
     epoch per evaluation; then `model.keras` where it can be written."""
     steps_per_epoch = min(config.eval_interval, config.steps)
     epochs = math.ceil(config.steps / steps_per_epoch)
-    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    step = keras_mtp.callbacks.global_step(model)
     # Checkpoints are written at epoch ends: multiples of steps_per_epoch,
     # or config.steps for the last, shorter one.
     done = math.ceil(step / steps_per_epoch)
@@ -1015,6 +613,21 @@ def train(config, run, model, corpus):
         model.save(run.path("model.keras"))
 
 
+def report_speculation(config, run, model, corpus, num_prompts=4):
+    """Decodes validation prompts with the MTP heads as drafters and prints
+    what speculation buys: tokens per main forward pass and acceptance."""
+    prompt_length = max(config.sequence_length // 4, 1)
+    # GPT-2's and OPT's position tables end at sequence_length; drafts look
+    # D ahead.
+    max_length = config.sequence_length - config.mtp_num_layers
+    if max_length <= prompt_length:
+        return
+    _, val_ds = make_datasets(config, run, corpus, start_step=0)
+    x, _, _ = next(iter(val_ds))
+    prompts = np.asarray(x["token_ids"])[:num_prompts, :prompt_length]
+    print(report_lib.speculation_report(model, prompts, max_length))
+
+
 def report(config, run, model, corpus, start):
     """`losses.png`, the final metrics per head and, on one device, what
     speculative decoding with the trained MTP heads buys."""
@@ -1024,7 +637,7 @@ def report(config, run, model, corpus, start):
         row["step"] = min(
             (int(row["epoch"]) + 1) * steps_per_epoch, config.steps
         )
-    plot_losses(
+    report_lib.plot_losses(
         read_metrics(run.path("train_losses.csv")),
         rows,
         config.mtp_num_layers,
@@ -1038,7 +651,7 @@ def report(config, run, model, corpus, start):
         f"train = mean over the last {last_steps} steps, "
         f"val = {config.eval_steps} batches:"
     )
-    print(summary_table(last, config.mtp_num_layers))
+    print(report_lib.summary_table(last, config.mtp_num_layers))
     mfu = last["mfu"]
     print(
         f"Throughput (last evaluation interval, all devices, MTP depths "
@@ -1046,8 +659,7 @@ def report(config, run, model, corpus, start):
         + ("n/a (peak unknown)" if mfu == "n/a" else f"{float(mfu):.1%}")
     )
     if config.mtp_num_layers and config.distribution == "none":
-        _, val_ds = make_datasets(config, run, corpus, start_step=0)
-        report_speculation(model, val_ds, config)
+        report_speculation(config, run, model, corpus)
     print(f"saved to {run.directory}/")
 
 
@@ -1103,12 +715,18 @@ def main(config):
     start = time.time()
     run = set_up(config)
     corpus = load_data(config)
-    distribution = make_distribution(config)
+    distribution = keras_mtp.distribution.make_distribution(
+        config.distribution,
+        config.backbone,
+        config.mtp_num_layers,
+        config.batch_size,
+        config.mesh,
+    )
     scope = distribution.scope() if distribution else contextlib.nullcontext()
     with scope:
         model = make_model(config, corpus.vocabulary_size)
         backbone_params = model.backbone.count_params()
-        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        step = keras_mtp.callbacks.global_step(model)
         print(
             f"corpus: {corpus.num_files} files from "
             f"{config.data or 'Python stdlib'}, "

@@ -42,10 +42,17 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import keras_mtp  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
+from keras_mtp import backbones  # noqa: E402
 from keras_mtp import data  # noqa: E402
+
+# train.py's defaults (its Config): the model, its optimizer and batches.
+SEQUENCE_LENGTH = 128
+BATCH_SIZE = 16
+STEPS = 1200
+EVAL_INTERVAL = 300
 
 WINDOWS = (10, 25, 50, 100)
 
@@ -84,15 +91,33 @@ def boundary_excess(step_ms, boundary, window):
     return float(np.sum(step_ms[boundary : boundary + window] - before))
 
 
+def train_default_model(vocabulary_size):
+    """train.py's default model and optimizer, built with the library."""
+    backbone = backbones.build_backbone(
+        "llama",
+        vocabulary_size=vocabulary_size,
+        hidden_dim=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_dim=128,
+        sequence_length=SEQUENCE_LENGTH,
+    )
+    model = keras_mtp.MTPCausalLM(
+        backbone, mtp_num_layers=2, mtp_loss_scaling_factor=0.1
+    )
+    schedule = keras_mtp.callbacks.warmup_cosine(
+        3e-3, STEPS, warmup_steps=30, min_learning_rate_ratio=0.1
+    )
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    return model
+
+
 def measure(args, directory):
-    config = train.Config()
     keras.utils.set_random_seed(0)
-    model = train.build_model(config, 64 * -(-data.VOCABULARY_SIZE // 64))
+    model = train_default_model(64 * -(-data.VOCABULARY_SIZE // 64))
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, data.VOCABULARY_SIZE, 2_000_000).astype(np.uint16)
-    dataset = data.make_dataset(
-        tokens, config.sequence_length, config.batch_size
-    )
+    dataset = data.make_dataset(tokens, SEQUENCE_LENGTH, BATCH_SIZE)
     timer = SaveEveryOtherEpoch(
         keras.callbacks.OrbaxCheckpoint(
             directory, save_freq="epoch", max_to_keep=2
@@ -143,8 +168,8 @@ def measure(args, directory):
             backend=keras.config.backend(),
             model="train.py default: llama d=64 L=2, MTP D=2",
             parameters=model.count_params(),
-            sequence_length=config.sequence_length,
-            batch_size=config.batch_size,
+            sequence_length=SEQUENCE_LENGTH,
+            batch_size=BATCH_SIZE,
             epoch_steps=n,
             saves=args.saves,
             checkpoint_interval_steps=args.interval,
@@ -193,7 +218,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--interval",
         type=int,
-        default=train.Config().eval_interval,
+        default=EVAL_INTERVAL,
         help="steps between train.py's checkpoints (its --eval-interval)",
     )
     parser.add_argument("--epoch-steps", type=int, default=200)

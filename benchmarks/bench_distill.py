@@ -79,12 +79,8 @@ def datasets(args):
 
 
 def adam(learning_rate, steps):
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0,
-        decay_steps=steps - steps // 10,
-        warmup_target=learning_rate,
-        warmup_steps=steps // 10,
-        alpha=0.1,
+    schedule = keras_mtp.callbacks.warmup_cosine(
+        learning_rate, steps, warmup_steps=steps // 10
     )
     return keras.optimizers.Adam(schedule)
 
@@ -164,9 +160,10 @@ def measure(args, model, val, prompts):
     sequences, decoded = decode(args, model, prompts)
     # mtp_acceptance on the decoded text itself: x = the sequences, y the
     # next tokens (the main head's greedy choices, by construction). Segment
-    # 0 (no MTP weight) = the prompt (data), 1 = the generated tokens:
-    # `segment_ids` only zero MTP weights (attention still sees the prompt),
-    # so only positions whose input and targets were all generated count.
+    # 0 (no MTP weight) = the prompt (data), 1 = the generated tokens: a
+    # real token of id 0 stays visible to every later one (the generated
+    # tokens still attend to the prompt), so only the MTP weights change:
+    # only positions whose input and targets were all generated count.
     tokens = sequences[:, :-1]
     segments = np.where(np.arange(tokens.shape[1]) < args.prompt_length, 0, 1)
     x = {

@@ -32,6 +32,17 @@ in the same alternating rounds, and reports chunked / dense per (V, D, N)
     python benchmarks/bench_train.py --vocab 32768 --depths 0 2 \
         --compare-chunk 128 256 --out chunk.json
 
+`--compare-packing` times, at each length of `--packing-lengths` (default
+256 and 1024, the batch shrunk to keep 2048 tokens a step), the step on
+unpacked rows (no `segment_ids`: the backbone's own call, today's compiled
+step) next to the step on packed rows (about four documents a row, the
+segment mask in every attention and positions restarted per document), in
+the same alternating rounds, and reports packed / unpacked (median of
+paired rounds); `--vocab` defaults to 256 and `--depths` to 1 there:
+
+    nice python benchmarks/bench_train.py --compare-packing \
+        --out benchmarks/results/bench_packing_<date>_cpu.json
+
 `--reference` also times the plain JAX + optax
 model of `benchmarks/reference_jax.py` (same configs, weights, batch and
 Adam), interleaved with the Keras steps, and reports keras_mtp / plain JAX.
@@ -118,6 +129,24 @@ def make_batch(sizes, vocab, seed=0):
     ones = np.ones((sizes.batch_size, sizes.sequence_length), np.int32)
     x = {"token_ids": rows[:, :-1], "padding_mask": ones}
     return x, rows[:, 1:], ones.astype(np.float32)
+
+
+def make_packed_batch(sizes, vocab, seed=0, documents=4):
+    """`make_batch` with each row cut into `documents` documents at random
+    places (`segment_ids` 1, 2, ...), no loss weight across a cut."""
+    x, y, w = make_batch(sizes, vocab, seed)
+    rng = np.random.default_rng(seed + 1)
+    length = sizes.sequence_length
+    segments = np.zeros((sizes.batch_size, length), np.int32)
+    for row in range(sizes.batch_size):
+        cuts = np.sort(
+            rng.choice(np.arange(1, length), documents - 1, replace=False)
+        )
+        segments[row] = 1 + np.searchsorted(cuts, np.arange(length), "right")
+    following = np.roll(segments, -1, axis=1)
+    following[:, -1] = 0
+    x = {**x, "segment_ids": segments}
+    return x, y, w * (segments == following)
 
 
 def train_step_temp_bytes(model, batch):
@@ -241,6 +270,95 @@ def build_configs(args, sizes, chunks, reference):
     return configs
 
 
+def build_packing_configs(args, sizes):
+    """Per (length, V, D): the model on unpacked rows and a twin on packed
+    rows, built, compiled and warmed up before any timing."""
+    configs = []
+    tokens = sizes.batch_size * sizes.sequence_length
+    for length, vocab, depth in itertools.product(
+        args.packing_lengths, args.vocab, args.depths
+    ):
+        shape = dataclasses.replace(
+            sizes, sequence_length=length, batch_size=max(1, tokens // length)
+        )
+        for packed in (False, True):
+            name = f"T={length} V={vocab} D={depth} " + (
+                "packed" if packed else "unpacked"
+            )
+            model = make_model(shape, vocab, depth)
+            batch = (make_packed_batch if packed else make_batch)(shape, vocab)
+            t = time.perf_counter()
+            for _ in range(args.warmup):  # the first call compiles
+                model.train_on_batch(batch[0], batch[1], sample_weight=batch[2])
+            configs.append(
+                dict(
+                    name=name,
+                    length=length,
+                    batch_size=shape.batch_size,
+                    vocab=vocab,
+                    depth=depth,
+                    packed=packed,
+                    step=lambda m=model, b=batch: m.train_on_batch(
+                        b[0], b[1], sample_weight=b[2]
+                    ),
+                    warmup_s=time.perf_counter() - t,
+                    temp_bytes=train_step_temp_bytes(model, batch),
+                )
+            )
+            print(f"built {name}", file=sys.stderr)
+    return configs
+
+
+def summarize_packing(configs):
+    """One row per (length, V, D): unpacked and packed medians and the
+    packed / unpacked ratios (median of paired rounds)."""
+    rows = []
+    for plain, packed in zip(configs[::2], configs[1::2]):
+        row = dict(
+            sequence_length=plain["length"],
+            batch_size=plain["batch_size"],
+            vocab=plain["vocab"],
+            depth=plain["depth"],
+        )
+        for key, c in (("unpacked", plain), ("packed", packed)):
+            row[f"{key}_median_cpu_ms"] = 1e3 * statistics.median(c["step_cpu"])
+            row[f"{key}_median_wall_ms"] = 1e3 * statistics.median(
+                c["step_wall"]
+            )
+            row[f"{key}_cpu_ms_per_round"] = [1e3 * v for v in c["step_cpu"]]
+            row[f"{key}_temp_mib"] = (
+                None if c["temp_bytes"] is None else c["temp_bytes"] / 2**20
+            )
+        row["packed_over_unpacked_cpu"] = median_ratio(
+            packed["step_cpu"], plain["step_cpu"]
+        )
+        row["packed_over_unpacked_wall"] = median_ratio(
+            packed["step_wall"], plain["step_wall"]
+        )
+        rows.append(row)
+    return rows
+
+
+def packing_markdown(result):
+    """`--compare-packing`: packed / unpacked step time per length."""
+    header = (
+        "| T | batch | V | D | unpacked CPU ms/step | packed CPU ms/step "
+        "| packed / unpacked (CPU) | (wall) | temp MiB unpacked, packed |"
+    )
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['sequence_length']} | {r['batch_size']} | {r['vocab']} "
+            f"| {r['depth']} | {r['unpacked_median_cpu_ms']:.1f} "
+            f"| {r['packed_median_cpu_ms']:.1f} "
+            f"| {r['packed_over_unpacked_cpu']:.3f} "
+            f"| {r['packed_over_unpacked_wall']:.3f} "
+            f"| {_fmt(r['unpacked_temp_mib'], '.1f')}, "
+            f"{_fmt(r['packed_temp_mib'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
 def time_rounds(args, configs, reference):
     """Appends each round's wall and CPU time per step to every config."""
     runs = [(c, "step") for c in configs]
@@ -351,12 +469,18 @@ def run(args):
             sys.exit(f"--reference: {REFERENCE_PATH} does not exist")
 
     start = time.perf_counter()
-    configs = build_configs(args, sizes, chunks, reference)
+    if args.compare_packing:
+        configs = build_packing_configs(args, sizes)
+    else:
+        configs = build_configs(args, sizes, chunks, reference)
     setup_s = time.perf_counter() - start
     t = time.perf_counter()
     time_rounds(args, configs, reference)
     timing_s = time.perf_counter() - t
-    rows = summarize(args, sizes, configs, reference)
+    if args.compare_packing:
+        rows = summarize_packing(configs)
+    else:
+        rows = summarize(args, sizes, configs, reference)
 
     result = dict(
         config=dict(
@@ -371,6 +495,10 @@ def run(args):
             optimizer=f"Adam({LEARNING_RATE})",
             loss_chunk_size=chunk,
             compare_chunk=args.compare_chunk,
+            compare_packing=args.compare_packing,
+            packing_lengths=(
+                list(args.packing_lengths) if args.compare_packing else None
+            ),
             reference=reference is not None,
             quick=args.quick,
         ),
@@ -489,8 +617,31 @@ def main(argv=None):
         action="store_true",
         help="also time benchmarks/reference_jax.py (plain JAX + optax)",
     )
+    parser.add_argument(
+        "--compare-packing",
+        action="store_true",
+        help="time unpacked and packed rows (segment_ids) side by side",
+    )
+    parser.add_argument(
+        "--packing-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="--compare-packing's sequence lengths (default 256 1024)",
+    )
     parser.add_argument("--out", default=None, help="write the JSON here")
     args = parser.parse_args(argv)
+    if args.compare_packing:
+        if args.compare_chunk or args.reference or args.chunk is not None:
+            parser.error(
+                "--compare-packing times the dense GPT-2 alone: no --chunk, "
+                "--compare-chunk or --reference"
+            )
+        if args.packing_lengths is None:
+            args.packing_lengths = [32, 64] if args.quick else [256, 1024]
+        args.vocab = args.vocab or [256]
+        args.depths = args.depths or [1]
     if args.vocab is None:
         args.vocab = [64, 512] if args.quick else [256, 32768]
     if args.depths is None:
@@ -499,7 +650,7 @@ def main(argv=None):
         args.rounds = 2 if args.quick else 6
     if args.steps is None:
         args.steps = 2
-    if 0 not in args.depths:
+    if 0 not in args.depths and not args.compare_packing:
         parser.error("--depths must include 0: ratios are to D=0")
     if args.compare_chunk and args.chunk is not None:
         parser.error("--chunk and --compare-chunk exclude each other")
@@ -513,11 +664,19 @@ def main(argv=None):
         f"batch={c['batch_size']}, {c['optimizer']}, "
         f"loss_chunk_size={c['loss_chunk_size']}; medians of "
         f"{c['rounds']} rounds x {c['steps_per_round']} steps; ratios to "
-        f"D=0 at the same V (median of paired rounds)\n"
+        + (
+            "unpacked rows (T and batch per row below)"
+            if args.compare_packing
+            else "D=0 at the same V"
+        )
+        + " (median of paired rounds)\n"
         f"{m['date']}, {m['processor']}, {m['cpu_count']} CPUs, JAX "
         f"{m['jax']}, keras {m['keras']}, keras-hub {m['keras_hub']}\n"
     )
-    print(markdown(result))
+    if args.compare_packing:
+        print(packing_markdown(result))
+    else:
+        print(markdown(result))
     if args.compare_chunk:
         print("\nchunked / dense (median of paired rounds)\n")
         print(chunk_markdown(result))

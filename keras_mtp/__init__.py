@@ -2,8 +2,10 @@
 
 from keras_mtp import backbones
 from keras_mtp import callbacks
+from keras_mtp import checkpoint
 from keras_mtp import distribution
 from keras_mtp import ops
+from keras_mtp import report
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
 from keras_mtp.mtp_causal_lm import MTPCausalLM
@@ -18,6 +20,8 @@ __all__ = [
     "SparseCrossEntropy",
     "backbones",
     "callbacks",
+    "checkpoint",
     "distribution",
     "ops",
+    "report",
 ]

@@ -4,7 +4,8 @@
 supported keras-hub decoder-only text family, which backbone class it is, how
 its token embedding is scaled, which decoder layer an MTP block copies (and
 how that layer's config becomes the full-attention variant), its final norm,
-how its decoder layers take a padding mask and a key/value cache, how its
+how its decoder layers take a padding mask and a key/value cache, how
+packed rows keep documents apart (attention mask, positions), how its
 keras-hub `CausalLM` builds and updates its cache, its layout rules for
 `keras_mtp.distribution`, a tiny test config and the `train.py` config.
 `keras_mtp`, `train.py` and the tests read this table; adding a family is one
@@ -13,6 +14,7 @@ keras-hub `CausalLM` builds and updates its cache, its layout rules for
 `UNSUPPORTED` names the keras-hub causal LMs left out, with the reason.
 """
 
+import contextlib
 import dataclasses
 import inspect
 import typing
@@ -96,6 +98,23 @@ class Family:
             model's greedy decoding, or None when it is.
         learned_positions: the backbone has a learned position embedding
             (`max_sequence_length` bounds speculative decoding).
+        attention_mask_kwarg: the decoder layer's keyword for a full
+            `(B, T, T)` attention mask, which the layer ANDs with its causal
+            and padding masks (packed rows, `call_backbone`). None where the
+            layer takes none.
+        attention_mask_method: where `attention_mask_kwarg` is None, the
+            decoder layer's method that computes its attention mask (Gemma's
+            `_compute_attention_mask`); packed rows AND theirs into its
+            result.
+        position_layer: the backbone's layer of learned absolute positions
+            whose `call` takes `positions=` (GPT-2's `position_embedding`,
+            OPT's `embeddings`): packed rows give it positions restarting
+            at each document's first token. None: the positions are
+            relative (RoPE, ALiBi), so a document attends alike wherever it
+            starts in its row, or the backbone takes `position_ids`
+            (Gemma4), which `call_backbone` restarts.
+        no_packing: why packed rows cannot be kept apart in this family
+            (`call_backbone` raises it), or None.
         layout: the family's `Layout`.
         skip_backends: `{backend: reason}` where keras-hub's family cannot
             run (none in keras-hub 0.32).
@@ -123,6 +142,10 @@ class Family:
     recurrent: bool = False
     keras_hub_generate: typing.Optional[str] = None
     learned_positions: bool = False
+    attention_mask_kwarg: typing.Optional[str] = "decoder_attention_mask"
+    attention_mask_method: typing.Optional[str] = None
+    position_layer: typing.Optional[str] = None
+    no_packing: typing.Optional[str] = None
     layout: Layout = Layout()
     skip_backends: dict = dataclasses.field(default_factory=dict)
     scoped_paths: bool = True
@@ -314,6 +337,14 @@ _QWEN3_5_GENERATE = (
     "the batch. keras_mtp's `generate` (speculative or not) is."
 )
 
+_QWEN3_5_PACKING = (
+    "its Gated DeltaNet layers carry a recurrent state along the whole row "
+    "and take no attention mask, so a document would read the state the "
+    "documents before it left; keras-hub 0.32 has no way to reset it at a "
+    "segment boundary. Train it on unpacked rows (one document per row, "
+    "padded)."
+)
+
 _KERAS_HUB_TRANSFORMER_DECODER = "TransformerDecoder"
 
 FAMILIES = (
@@ -338,6 +369,7 @@ FAMILIES = (
             max_sequence_length=t,
         ),
         learned_positions=True,
+        position_layer="position_embedding",
         layout=Layout(
             decoder_rules=_TRANSFORMER_DECODER_RULES,
             embedding_rules=_POSITION_EMBEDDING_RULES,
@@ -398,6 +430,8 @@ FAMILIES = (
         embedding_scale=True,
         mask_kwarg="padding_mask",
         cache_kwargs=("cache", "cache_update_index"),
+        attention_mask_kwarg=None,
+        attention_mask_method="_compute_attention_mask",
         layout=Layout(
             decoder_prefix=r"decoder_block_\d+/", decoder_rules=_GEMMA_RULES
         ),
@@ -434,6 +468,8 @@ FAMILIES = (
         block_config=_gemma3_global,
         mask_kwarg="padding_mask",
         cache_kwargs=("cache", "cache_update_index"),
+        attention_mask_kwarg=None,
+        attention_mask_method="_compute_attention_mask",
         cache_layout="per_layer",
         task_masks=True,
         layout=Layout(
@@ -472,6 +508,8 @@ FAMILIES = (
         block_config=_gemma4_block,
         mask_kwarg="padding_mask",
         cache_kwargs=("cache", "cache_update_index"),
+        attention_mask_kwarg=None,
+        attention_mask_method="_compute_attention_mask",
         task_masks=True,
         layout=Layout(
             decoder_prefix=r"decoder_block_\d+/", decoder_rules=_GEMMA_RULES
@@ -589,6 +627,7 @@ FAMILIES = (
         cache_layout="hybrid",
         recurrent=True,
         keras_hub_generate=_QWEN3_5_GENERATE,
+        no_packing=_QWEN3_5_PACKING,
         layout=Layout(decoder_rules=_LLAMA_RULES + _GATED_DELTA_NET_RULES),
     ),
     Family(
@@ -617,6 +656,7 @@ FAMILIES = (
         cache_layout="hybrid",
         recurrent=True,
         keras_hub_generate=_QWEN3_5_GENERATE,
+        no_packing=_QWEN3_5_PACKING,
         layout=Layout(
             decoder_rules=_LLAMA_RULES
             + _GATED_DELTA_NET_RULES
@@ -818,6 +858,7 @@ FAMILIES = (
             max_sequence_length=t,
         ),
         learned_positions=True,
+        position_layer="embeddings",
         layout=Layout(
             decoder_rules=_TRANSFORMER_DECODER_RULES,
             embedding_rules=tuple(
@@ -903,9 +944,16 @@ _BY_DECODER = {}
 for _family in FAMILIES:
     for _decoder in _family.decoders:
         _other = _BY_DECODER.setdefault(_decoder, _family)
-        assert (_other.mask_kwarg, _other.cache_kwargs) == (
+        assert (
+            _other.mask_kwarg,
+            _other.cache_kwargs,
+            _other.attention_mask_kwarg,
+            _other.attention_mask_method,
+        ) == (
             _family.mask_kwarg,
             _family.cache_kwargs,
+            _family.attention_mask_kwarg,
+            _family.attention_mask_method,
         ), f"{_other.name} and {_family.name} share {_decoder}"
 
 
@@ -1004,6 +1052,138 @@ def backbone_inputs(backbone, token_ids, padding_mask):
         ones = ops.ones_like(inputs["token_ids"], dtype="int32")
         inputs["position_ids"] = ops.cumsum(ones, axis=1) - 1
     return inputs
+
+
+# === Packed rows ==============================================================
+
+
+def _run_starts(segments):
+    """`(B, T)` booleans: True where a run of equal ids begins (equal ids
+    apart are two runs, hence two documents)."""
+    previous = ops.pad(segments[:, :-1], [[0, 0], [1, 0]], constant_values=-1)
+    return segments != previous
+
+
+def segment_attention_mask(segment_ids):
+    """The `(B, T, T)` boolean attention mask of packed rows.
+
+    Query `i` may attend to key `j` iff `j <= i` and both lie in the same
+    segment, a run of equal ids: a token sees only the earlier tokens of
+    its own document. Id 0 is padding: a padding query may attend to every
+    earlier key, as in an unpacked padded row, so no row of the mask is
+    empty (an empty row is NaN on some attention kernels); a padding key is
+    visible to every later query, where the decoder layers' own padding
+    mask hides it (a real token of id 0 thus stays context for the whole
+    row, e.g. a prompt whose positions no MTP depth trains on). Made by
+    broadcasting `(B, T, 1)` against `(B, 1, T)`: the mask is the only
+    `(B, T, T)` tensor.
+    """
+    segments = ops.cast(segment_ids, "int32")
+    runs = ops.cumsum(ops.cast(_run_starts(segments), "int32"), axis=1)
+    same = ops.expand_dims(runs, 2) == ops.expand_dims(runs, 1)
+    padding = segments == 0
+    visible = ops.logical_or(
+        same,
+        ops.logical_or(
+            ops.expand_dims(padding, 2), ops.expand_dims(padding, 1)
+        ),
+    )
+    index = ops.arange(ops.shape(segments)[1])
+    causal = ops.expand_dims(index, 1) >= ops.expand_dims(index, 0)
+    return ops.logical_and(visible, ops.expand_dims(causal, 0))
+
+
+def segment_positions(segment_ids):
+    """Per-document positions `(B, T)` int32: `0, 1, ...` from the first
+    token of each run of equal ids (padding runs too); `O(B T)`, a running
+    maximum of the run starts."""
+    segments = ops.cast(segment_ids, "int32")
+    index = ops.expand_dims(ops.arange(ops.shape(segments)[1]), 0)
+    index = ops.broadcast_to(index, ops.shape(segments))
+    starts = ops.where(_run_starts(segments), index, 0)
+    start = ops.associative_scan(ops.maximum, starts, axis=1)
+    # TensorFlow's scan loses the static shape, which keras-hub's position
+    # embedding reads.
+    start = ops.reshape(start, ops.shape(segments))
+    return ops.cast(index - start, "int32")
+
+
+def check_packing(backbone):
+    """Raises a `ValueError` naming the family of `backbone` (an instance or
+    a family name) if its packed rows cannot be kept apart
+    (`Family.no_packing`)."""
+    f = family(backbone)
+    if f.no_packing is not None:
+        raise ValueError(
+            f"Packed rows (`segment_ids`) are not supported for the "
+            f"{f.name!r} family ({f.backbone}): {f.no_packing}"
+        )
+
+
+@contextlib.contextmanager
+def _and_mask_into(layer, method, mask):
+    """Inside the block, `layer.<method>(...)` (an attention mask maker)
+    returns its mask AND `mask`."""
+    original = getattr(layer, method)
+
+    def masked(*args, **kwargs):
+        own = original(*args, **kwargs)
+        return ops.logical_and(ops.cast(own, "bool"), mask)
+
+    setattr(layer, method, masked)
+    try:
+        yield
+    finally:
+        delattr(layer, method)  # the class's method again
+
+
+def _call_with_attention_mask(f, layer, mask, *args, **kwargs):
+    """`layer(*args, **kwargs)` with `mask` ANDed into its attention mask,
+    the way family `f`'s decoder layers take one."""
+    if f.attention_mask_kwarg is not None:
+        return layer(*args, **{**kwargs, f.attention_mask_kwarg: mask})
+    with _and_mask_into(layer, f.attention_mask_method, mask):
+        return layer(*args, **kwargs)
+
+
+def call_backbone(backbone, inputs, segment_ids=None):
+    """The backbone's sequence output for `inputs` (`backbone_inputs`).
+
+    Without `segment_ids`, exactly `backbone(inputs)`. With them (packed
+    rows, `(B, T)`, 0 = padding), keras-hub's functional graph is run op by
+    op, the same layers and weights, with each decoder layer's attention
+    limited to its own document (`segment_attention_mask`) and positions
+    restarting at each document's first token where the family's are
+    absolute (`Family.position_layer`, Gemma4's `position_ids`). RoPE and
+    ALiBi are relative: a document's attention is the same wherever it
+    starts. Raises a `ValueError` for a family that cannot do it
+    (`Family.no_packing`).
+    """
+    if segment_ids is None:
+        return backbone(inputs)
+    check_packing(backbone)
+    f = family(backbone)
+    mask = segment_attention_mask(segment_ids)
+    positions = None
+    if f.position_layer is not None or "position_ids" in inputs:
+        positions = segment_positions(segment_ids)
+    if "position_ids" in inputs:
+        inputs = {**inputs, "position_ids": positions}
+    decoders = {id(layer) for layer in backbone.transformer_layers}
+
+    def operation_fn(op):
+        def call(*args, **kwargs):
+            if id(op) in decoders:
+                return _call_with_attention_mask(f, op, mask, *args, **kwargs)
+            if positions is not None and op.name == f.position_layer:
+                return op(*args, **{**kwargs, "positions": positions})
+            return op(*args, **kwargs)
+
+        return call
+
+    flat_inputs = backbone._standardize_inputs(inputs)
+    outputs = backbone._run_through_graph(flat_inputs, operation_fn)
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def embedding_scale(backbone):
@@ -1170,11 +1350,16 @@ def _call_forms(block):
     return mask, cache
 
 
-def call_decoder(block, x, padding_mask, training=None):
+def call_decoder(
+    block, x, padding_mask, training=None, attention_mask=None, positions=None
+):
     """Runs one keras-hub decoder layer causally over `x` with `padding_mask`.
 
     keras-hub decoders name the mask `decoder_padding_mask` (most) or
-    `padding_mask` (Gemma), and some return a tuple.
+    `padding_mask` (Gemma), and some return a tuple. `attention_mask`
+    (`(B, T, T)` booleans, packed rows) is ANDed into the layer's own
+    causal mask the way its family takes one; `positions` (`(B, T)`) are
+    passed where the layer takes them (Gemma4).
     """
     mask, _ = _call_forms(block)
     if mask is None:
@@ -1183,9 +1368,24 @@ def call_decoder(block, x, padding_mask, training=None):
             f"`call` takes {list(inspect.signature(block.call).parameters)}"
         )
     kwargs = {mask: padding_mask}
-    if "training" in inspect.signature(block.call).parameters:
+    parameters = inspect.signature(block.call).parameters
+    if "training" in parameters:
         kwargs["training"] = training
-    outputs = block(x, **kwargs)
+    if positions is not None and "positions" in parameters:
+        kwargs["positions"] = positions
+    if attention_mask is None:
+        outputs = block(x, **kwargs)
+    else:
+        f = decoder_family(block)
+        if f is None:
+            raise ValueError(
+                f"Cannot pass an attention mask to {type(block).__name__}: "
+                "not the decoder layer of a family of "
+                "`keras_mtp.backbones.FAMILIES`."
+            )
+        outputs = _call_with_attention_mask(
+            f, block, attention_mask, x, **kwargs
+        )
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
@@ -1347,6 +1547,48 @@ def apply_head(token_embedding, hidden_states, kernel):
     cap = token_embedding.logit_soft_cap
     if cap is not None:
         logits = ops.tanh(logits / cap) * cap
+    return logits
+
+
+# === The output head while decoding (keras_mtp.speculative) =================
+
+
+def decoding_kernel(token_embedding, token_ids=None):
+    """The output head's kernel as stored, for decoding: the `(V, d)` table
+    when tied, the `(d, V)` reverse embeddings when not; with `token_ids`
+    `(K,)` (a draft vocabulary), only their rows (columns): `(K, d)` or
+    `(d, K)`, gathered once per `generate` call, before the decoding loop.
+
+    The stored layout, not a transposed copy: on XLA's CPU (SmolLM2's
+    49,152 x 576 table, batch 1, 2 cores) the head costs 4.4 ms a row
+    through the `(V, d)` table and 5.6 ms through a `(d, V)` copy, and 0.44
+    vs 0.8 ms for K = 8192 rows.
+    """
+    if token_embedding.tie_weights:
+        table = ops.convert_to_tensor(token_embedding.embeddings)
+        if token_ids is None:
+            return table
+        return ops.take(table, token_ids, axis=0)
+    kernel = ops.convert_to_tensor(token_embedding.reverse_embeddings)
+    if token_ids is None:
+        return kernel
+    return ops.take(kernel, token_ids, axis=1)
+
+
+def decoding_logits(token_embedding, hidden_states, kernel):
+    """`token_embedding(hidden_states, reverse=True)` through a
+    `decoding_kernel` (all of it, or a draft vocabulary's): the same ops,
+    dtype rule (`reverse_dtype`) and `logit_soft_cap`."""
+    if token_embedding.tie_weights:
+        kernel = ops.transpose(kernel)  # folded into the dot by XLA
+    dtype = token_embedding.reverse_dtype
+    if dtype is not None:
+        hidden_states = ops.cast(hidden_states, dtype)
+        kernel = ops.cast(kernel, dtype)
+    logits = ops.matmul(hidden_states, kernel)
+    cap = token_embedding.logit_soft_cap
+    if cap is not None:
+        logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
     return logits
 
 

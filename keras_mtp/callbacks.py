@@ -1,4 +1,12 @@
-"""Keras callbacks for MTP training."""
+"""Keras callbacks and schedules for MTP training.
+
+- `global_step(model)`: the training steps taken, from the optimizer.
+- Schedules: `warmup_cosine` (the learning rate of train.py and the
+  notebooks) and `deepseek_v3_schedule` (the MTP loss weight λ of
+  DeepSeek-V3, for `MTPLossScheduler`).
+- Callbacks: `MTPLossScheduler`, `Throughput`, `TrainingLossLog`,
+  `MetricsCSV`, `StopAtStep` and `SynchronousEvaluation`.
+"""
 
 import csv
 import os
@@ -7,7 +15,99 @@ import time
 import keras
 
 from keras_mtp import flops
-from keras_mtp.mtp_block import check_loss_scaling_factor
+from keras_mtp.validation import check_float
+from keras_mtp.validation import check_int
+from keras_mtp.validation import check_loss_scaling_factor
+
+
+def global_step(model_or_optimizer):
+    """The training steps taken so far, as a Python int.
+
+    Read from the optimizer's `iterations` (saved and restored with its
+    state, so a resumed run continues counting). Reading it waits for the
+    steps dispatched so far (JAX and TensorFlow run asynchronously).
+
+    Args:
+        model_or_optimizer: a compiled `keras.Model` or a
+            `keras.optimizers.Optimizer`.
+    """
+    optimizer = getattr(model_or_optimizer, "optimizer", model_or_optimizer)
+    if optimizer is None or not hasattr(optimizer, "iterations"):
+        raise ValueError(
+            "`global_step` needs a compiled model or an optimizer. Received: "
+            f"{model_or_optimizer!r}"
+        )
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def warmup_cosine(
+    learning_rate, steps, warmup_steps=0, min_learning_rate_ratio=0.1
+):
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to
+    `min_learning_rate_ratio · learning_rate` at step `steps`.
+
+    A `keras.optimizers.schedules.CosineDecay`. The warmup takes at most
+    `steps - 1` steps; with none, the decay starts at the peak.
+
+    Args:
+        learning_rate: float > 0. The peak learning rate.
+        steps: int >= 1. The training steps: the decay ends at this step.
+        warmup_steps: int >= 0. Steps of the linear warmup.
+        min_learning_rate_ratio: float in [0, 1]. The final fraction of
+            the peak.
+
+    Example:
+
+    ```python
+    model.compile(optimizer=keras.optimizers.Adam(
+        keras_mtp.callbacks.warmup_cosine(3e-3, steps=1200, warmup_steps=30)))
+    ```
+    """
+    learning_rate = check_float(learning_rate, "learning_rate")
+    if learning_rate == 0:
+        raise ValueError(
+            "`learning_rate` must be > 0. Received: learning_rate=0.0"
+        )
+    steps = check_int(steps, "steps", minimum=1)
+    warmup = min(check_int(warmup_steps, "warmup_steps"), steps - 1)
+    ratio = check_float(
+        min_learning_rate_ratio, "min_learning_rate_ratio", maximum=1.0
+    )
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else learning_rate,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+        decay_steps=steps - warmup,
+        alpha=ratio,
+    )
+
+
+def deepseek_v3_schedule(switch_step, before=0.3, after=0.1):
+    """DeepSeek-V3's MTP loss weight: `λ = 0.3` for the steps before
+    `switch_step`, then `0.1` (the paper switches after the first 10T of
+    14.8T tokens). A schedule for `MTPLossScheduler`.
+
+    Args:
+        switch_step: number >= 0 (a float too: `0.7 * steps`). The first
+            step of `after`.
+        before: float >= 0. λ before the switch.
+        after: float >= 0. λ from the switch on.
+
+    Example:
+
+    ```python
+    scheduler = keras_mtp.callbacks.MTPLossScheduler(
+        keras_mtp.callbacks.deepseek_v3_schedule(0.7 * steps))
+    ```
+    """
+    switch_step = check_float(switch_step, "switch_step")
+    check_loss_scaling_factor(before)
+    check_loss_scaling_factor(after)
+
+    def schedule(step):
+        return before if step < switch_step else after
+
+    return schedule
 
 
 class MTPLossScheduler(keras.callbacks.Callback):
@@ -65,9 +165,7 @@ class MTPLossScheduler(keras.callbacks.Callback):
         if self._epoch_start_step is None:
             # Before the first step: on JAX the optimizer's variables are
             # still in the model here.
-            iterations = self.model.optimizer.iterations
-            self._epoch_start_step = int(keras.ops.convert_to_numpy(iterations))
-            self._epoch_start_step -= batch
+            self._epoch_start_step = global_step(self.model) - batch
         step = self._epoch_start_step + batch
         value = self.schedule(step)
         check_loss_scaling_factor(value)
@@ -124,7 +222,7 @@ class Throughput(keras.callbacks.Callback):
     def on_test_begin(self, logs=None):
         if self._start is not None and self._seconds is None:
             # Wait for the last step: JAX and TF dispatch asynchronously.
-            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            global_step(self.model)
             self._seconds = time.perf_counter() - self._start
 
     def on_epoch_end(self, epoch, logs=None):
@@ -164,8 +262,7 @@ class TrainingLossLog(keras.callbacks.Callback):
         self.interval = interval
 
     def on_train_begin(self, logs=None):
-        iterations = self.model.optimizer.iterations
-        self._epoch_start = int(keras.ops.convert_to_numpy(iterations))
+        self._epoch_start = global_step(self.model)
         rows = []
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -216,3 +313,53 @@ class TrainingLossLog(keras.callbacks.Callback):
             if mode == "w":
                 writer.writeheader()
             writer.writerows(rows)
+
+
+class MetricsCSV(keras.callbacks.CSVLogger):
+    """`CSVLogger` whose `mfu` column reads "n/a" where the device's peak
+    FLOP/s is unknown (`Throughput` then leaves `mfu` out of the logs)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {"mfu": "n/a", **(logs or {})})
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends training after exactly `steps` steps: the last evaluation
+    interval is cut short when `steps_per_epoch` does not divide `steps`
+    (it is still evaluated, logged and checkpointed).
+
+    Args:
+        steps: int >= 1. The total training steps (epochs from 0).
+        steps_per_epoch: int >= 1. `model.fit`'s `steps_per_epoch`.
+    """
+
+    def __init__(self, steps, steps_per_epoch):
+        super().__init__()
+        self.steps = check_int(steps, "steps", minimum=1)
+        self.steps_per_epoch = check_int(
+            steps_per_epoch, "steps_per_epoch", minimum=1
+        )
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch * self.steps_per_epoch + batch + 1 >= self.steps:
+            self.model.stop_training = True
+
+
+class SynchronousEvaluation(keras.callbacks.Callback):
+    """Keeps Keras from reading evaluation logs on a background thread.
+
+    With several processes, reading a global array is a computation every
+    process must run in the same order; Keras' asynchronous callback thread
+    can interleave its reads differently with the main thread's in each
+    process (two processes on gloo deadlocked in `evaluate`). A callback
+    that defines `on_test_batch_end` turns that thread off. (Training is
+    synchronous already where a callback defines `on_train_batch_end`, as
+    `StopAtStep` does.)
+    """
+
+    def on_test_batch_end(self, batch, logs=None):
+        pass

@@ -43,11 +43,13 @@ resumed = data.make_dataset(train_files, 128, 16, start_step=700)
 ```
 """
 
+import dataclasses
 import glob
 import hashlib
 import json
 import os
 import sysconfig
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -474,6 +476,58 @@ def prepare_tokens(files, cache_dir, tokenizer=None):
 # === Batches ===
 
 
+@dataclasses.dataclass
+class Corpus:
+    """A tokenized corpus: the token files of its training and validation
+    files, and what the model needs to know of the tokenizer."""
+
+    num_files: int
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    tokenizer: typing.Any
+    vocabulary_size: int  # the tokenizer's, padded to a multiple of 64
+    kept_bytes: int
+    num_bytes: int
+
+
+def load_corpus(
+    path_or_glob=None,
+    tokenizer=None,
+    validation_fraction=0.05,
+    seed=0,
+    cache_dir=".token_cache",
+):
+    """`list_corpus_files`, `split_files` and `prepare_tokens` in one call.
+
+    Args:
+        path_or_glob: str or None. The corpus (None: the Python standard
+            library's `.py` files).
+        tokenizer: str or None. A `load_tokenizer` spec (None: bytes).
+        validation_fraction: float in (0, 1). Share of files for validation.
+        seed: int. Seed of the split.
+        cache_dir: str. Where the token files are written (once).
+
+    Returns:
+        `Corpus`, its vocabulary size padded to a multiple of 64 (as nanoGPT
+        does) so that it divides any model-parallel mesh axis; the extra
+        ids never occur in the data.
+    """
+    tokenizer = load_tokenizer(tokenizer)
+    files = list_corpus_files(path_or_glob)
+    splits = split_files(files, validation_fraction, seed=seed)
+    tokens = [prepare_tokens(split, cache_dir, tokenizer) for split in splits]
+    stats = [token_file_stats(t) for t in tokens]
+    return Corpus(
+        num_files=len(files),
+        train_tokens=tokens[0],
+        val_tokens=tokens[1],
+        tokenizer=tokenizer,
+        vocabulary_size=64 * -(-vocabulary_size(tokenizer) // 64),
+        kept_bytes=sum(s["kept_bytes"] for s in stats),
+        num_bytes=sum(s["bytes"] for s in stats),
+    )
+
+
 def example_rows(indices, num_rows, seed=0, shuffle=True):
     """Row of each global example index: `perm_p(g mod N)`, `p = g // N`.
 
@@ -594,7 +648,9 @@ def make_dataset(
         start_step: int. The first batch is batch `start_step` of the run:
             pass the number of steps already trained to resume exactly.
         shuffle: bool. False takes rows in order, `g mod N`.
-        packing: bool. Add `segment_ids`; no loss across file boundaries.
+        packing: bool. Add `segment_ids`: `MTPCausalLM` then keeps the
+            files apart (no attention, loss or position across a file
+            boundary).
         num_shards: int. Processes sharing each global batch.
         shard_index: int in `[0, num_shards)`. This process keeps rows
             `[i * b / P, (i + 1) * b / P)` of every global batch, so the

@@ -28,13 +28,16 @@ Norm scales, biases, MoE routers and the MTP loss weights stay replicated.
 """
 
 import contextlib
+import math
+import os
 import re
 
 import keras
 import keras_hub
 
 from keras_mtp import backbones
-from keras_mtp.mtp_block import check_int
+from keras_mtp.validation import check_choice
+from keras_mtp.validation import check_int
 
 # The mesh-axis placeholders of the rules in `keras_mtp.backbones.FAMILIES`.
 _MODEL = backbones.MODEL
@@ -332,3 +335,130 @@ def stage_on_host():
     # not a variable's may still move to the accelerators later.
     with jax.default_device(host):
         yield
+
+
+def initialize_processes(
+    num_processes=None, coordinator_address=None, process_id=None
+):
+    """Starts multi-host JAX when asked by arguments or the standard variables.
+
+    With `num_processes` (or `KERAS_DISTRIBUTION_NUM_PROCESSES`) above 1,
+    calls `keras.distribution.initialize` with the arguments given (None
+    lets Keras read `KERAS_DISTRIBUTION_JOB_ADDRESSES` and
+    `KERAS_DISTRIBUTION_PROCESS_ID`). CPU processes exchange gradients over
+    gloo. Otherwise it does nothing. Call it before anything touches a
+    device.
+
+    Args:
+        num_processes: int >= 1 or None. The number of processes.
+        coordinator_address: str or None. `host:port` of process 0.
+        process_id: int >= 0 or None. This process.
+
+    Raises:
+        ValueError: for several processes on a backend other than JAX.
+    """
+    env = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+    total = num_processes or (int(env) if env else 1)
+    if total <= 1:
+        return
+    if keras.config.backend() != "jax":
+        raise ValueError(
+            "Multi-process training needs the JAX backend. Received: "
+            f"KERAS_BACKEND={keras.config.backend()}"
+        )
+    import jax
+
+    # CPU processes exchange gradients over gloo; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(
+        job_addresses=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+DISTRIBUTIONS = ("none", "data", "model")
+
+
+def make_distribution(
+    distribution, backbone, mtp_num_layers, batch_size, mesh=""
+):
+    """A `keras.distribution` for an `MTPCausalLM`, or None for one device.
+
+    `"data"`: `DataParallel` over every device. `"model"`: `ModelParallel`
+    on a `(batch, model)` mesh with the layout map of `get_layout_map`,
+    built from the backbone family and the MTP settings alone (no model is
+    built here): build the model inside `distribution.scope()` and each
+    weight is created sharded. Each process feeds its own rows of every
+    global batch (`keras_mtp.data.make_dataset(..., num_shards,
+    shard_index)`), so Keras does not shard the dataset again.
+
+    Args:
+        distribution: str. `"none"`, `"data"` or `"model"`.
+        backbone: the backbone's family name, class or config (as
+            `get_layout_map` takes it).
+        mtp_num_layers: int >= 0. The MTP depths D.
+        batch_size: int >= 1. The global batch size (all processes).
+        mesh: str. `"BATCH,MODEL"` for `"model"`, whose product is the
+            number of devices.
+
+    Raises:
+        ValueError: naming the value, for a distribution on a backend other
+            than JAX, a mesh that does not hold the devices, or a batch
+            the devices (or the mesh's batch axis) do not divide.
+    """
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if distribution == "none":
+        return None
+    if keras.config.backend() != "jax":
+        raise ValueError(
+            f"distribution={distribution!r} needs the JAX backend. "
+            f"Received: KERAS_BACKEND={keras.config.backend()}"
+        )
+    import jax
+
+    devices = keras.distribution.list_devices()
+    if distribution == "data":
+        if batch_size % len(devices):
+            raise ValueError(
+                f"distribution='data' splits the batch over all "
+                f"{len(devices)} devices: batch_size={batch_size} must be a "
+                "multiple of it."
+            )
+        return keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=False
+        )
+    shape = _mesh_shape(mesh)
+    if len(shape) != 2 or math.prod(shape) != len(devices):
+        raise ValueError(
+            "distribution='model' needs mesh='BATCH,MODEL' with "
+            f"BATCH·MODEL = {len(devices)} devices. Received: mesh={mesh!r}"
+        )
+    # The batch splits over the batch axis only (the model axis holds
+    # copies of each row), and each process holds whole batch shards.
+    batch_axis, processes = shape[0], jax.process_count()
+    if batch_size % batch_axis or batch_axis % processes:
+        raise ValueError(
+            "distribution='model' splits the batch over the batch axis of "
+            f"mesh={mesh!r} ({batch_axis}), which {processes} process(es) "
+            f"share: batch_size={batch_size} must be a multiple of the batch "
+            "axis, and the batch axis of the process count."
+        )
+    device_mesh = keras.distribution.DeviceMesh(
+        shape, axis_names=("batch", "model"), devices=devices
+    )
+    layout_map = get_layout_map(
+        device_mesh, backbone, mtp_num_layers=mtp_num_layers
+    )
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
+    )
+
+
+def _mesh_shape(mesh):
+    """`"2,4"` -> `(2, 4)`; `()` for text that is not integers."""
+    try:
+        return tuple(int(n) for n in str(mesh).split(","))
+    except ValueError:
+        return ()

@@ -20,6 +20,7 @@ model.save_to_preset("./with_heads")
 ```
 """
 
+import time
 import weakref
 
 import keras
@@ -28,8 +29,8 @@ from keras import ops
 
 from keras_mtp import backbones
 from keras_mtp import ops as mtp_ops
-from keras_mtp.mtp_block import check_int
-from keras_mtp.mtp_block import check_mtp_targets
+from keras_mtp.validation import check_int
+from keras_mtp.validation import check_mtp_targets
 
 
 def fit_heads(
@@ -110,8 +111,6 @@ def fit_heads(
     check_mtp_targets(mtp_targets)
     if max_rows is not None:
         max_rows = check_int(max_rows, "max_rows", minimum=1)
-
-    import time
 
     start = time.perf_counter()
     rows = token_rows(model, data, sequence_length, max_rows)

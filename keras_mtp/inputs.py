@@ -127,6 +127,15 @@ def check_data(x, y, vocabulary_size, mtp_num_layers):
         check_ids("y", y, vocabulary_size)
 
 
+def has_segment_ids(x):
+    """Whether `x` (a batch dict, or a `tf.data.Dataset` by its spec)
+    carries `segment_ids`: packed rows."""
+    if _is_dataset(x):
+        x = x.element_spec
+        x = x[0] if isinstance(x, tuple) else x
+    return isinstance(x, dict) and x.get("segment_ids") is not None
+
+
 def _is_dataset(x):
     tf = sys.modules.get("tensorflow")  # a dataset means it is imported
     return tf is not None and isinstance(x, tf.data.Dataset)

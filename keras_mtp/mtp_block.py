@@ -1,7 +1,6 @@
-import numbers
+import inspect
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
@@ -9,6 +8,10 @@ from keras_mtp import ops as mtp_ops
 from keras_mtp.inputs import check_length
 from keras_mtp.mtp_layer import MTPLayer
 from keras_mtp.mtp_layer import check_mtp_init
+from keras_mtp.validation import check_int  # also importable from here
+from keras_mtp.validation import check_loss_chunk_size
+from keras_mtp.validation import check_loss_scaling_factor
+from keras_mtp.validation import check_mtp_targets
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -65,7 +68,10 @@ class MTPBlock(keras.layers.Layer):
         hidden_states: float tensor `(B, T, d)`, `h^0`.
         token_ids: int tensor `(B, T)`.
         padding_mask: tensor `(B, T)`, 1 for real tokens.
-        segment_ids: optional int tensor `(B, T)` for packed rows, 0 = padding.
+        segment_ids: optional int tensor `(B, T)` for packed rows, 0 = padding:
+            no loss weight crosses a document boundary, and each depth's
+            block attends within its document only (with per-document
+            positions where it takes them).
         training: bool. Passed to the transformer blocks (dropout, MoE loss).
 
     Returns:
@@ -184,7 +190,9 @@ class MTPBlock(keras.layers.Layer):
         kernel = backbones.head_kernel(
             self.token_embedding, detach=self.detach_trunk
         )
-        normed = self._depth_chain(hidden, token_ids, padding_mask, training)
+        normed = self._depth_chain(
+            hidden, token_ids, padding_mask, training, segment_ids
+        )
         targets, weights = zip(
             *(
                 mtp_ops.mtp_targets_and_weights(
@@ -217,9 +225,18 @@ class MTPBlock(keras.layers.Layer):
         `kernel`."""
         return backbones.apply_head(self.token_embedding, hidden_states, kernel)
 
-    def _depth_chain(self, hidden, token_ids, padding_mask, training):
-        """`Norm_k(h^k)` for `k = 1..D`, each `(B, T, d)`, from `h^0`."""
+    def _depth_chain(
+        self, hidden, token_ids, padding_mask, training, segment_ids=None
+    ):
+        """`Norm_k(h^k)` for `k = 1..D`, each `(B, T, d)`, from `h^0`; with
+        `segment_ids`, every block attends within its document only."""
         depths = range(1, self.num_layers + 1)
+        attention_mask = positions = None
+        if segment_ids is not None:
+            attention_mask = backbones.segment_attention_mask(segment_ids)
+            block = self.mtp_layers[0].transformer_block
+            if "positions" in inspect.signature(block.call).parameters:
+                positions = backbones.segment_positions(segment_ids)
         # One lookup for every depth (x[i + k], 0 id beyond the end), so the
         # embedding's gradient is one (V, d) scatter, not one per depth.
         shifted_ids = ops.stack(
@@ -234,7 +251,12 @@ class MTPBlock(keras.layers.Layer):
         normed = []
         for k, layer in zip(depths, self.mtp_layers):
             hidden, hidden_normed = layer(
-                hidden, embeddings[k - 1], padding_mask, training=training
+                hidden,
+                embeddings[k - 1],
+                padding_mask,
+                training=training,
+                attention_mask=attention_mask,
+                positions=positions,
             )
             normed.append(hidden_normed)  # Norm_k(h^k), (B, T, d)
         return normed
@@ -324,50 +346,3 @@ class MTPBlock(keras.layers.Layer):
             config["token_embedding"]
         )
         return cls(**config)
-
-
-def check_loss_scaling_factor(value):
-    """Raises a `ValueError` unless `value` is a finite float >= 0."""
-    try:
-        ok = float(value) >= 0.0 and float(value) != float("inf")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            "The MTP loss scaling factor (λ) must be a finite number >= 0. "
-            f"Received: {value!r}"
-        )
-
-
-MTP_TARGETS = ("labels", "main")
-
-
-def check_mtp_targets(value):
-    """Raises a `ValueError` unless `value` is one of `MTP_TARGETS`."""
-    if not (isinstance(value, str) and value in MTP_TARGETS):
-        raise ValueError(
-            f"`mtp_targets` must be one of {MTP_TARGETS}. Received: "
-            f"mtp_targets={value!r}"
-        )
-
-
-def check_int(value, name, minimum=0):
-    """`value` as a Python int; a `ValueError` naming it unless it is an
-    integer (NumPy's too, never a bool) `>= minimum`."""
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, (bool, np.bool_))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an int >= {minimum}. Received: "
-            f"{name}={value!r} of type {type(value).__name__}"
-        )
-    return int(value)
-
-
-def check_loss_chunk_size(value):
-    """`value` as an int, or None; a `ValueError` unless None or an int >= 1."""
-    if value is None:
-        return None
-    return check_int(value, "loss_chunk_size", minimum=1)

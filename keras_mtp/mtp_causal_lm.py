@@ -3,15 +3,18 @@ import numpy as np
 from keras import ops
 
 from keras_mtp import backbones
+from keras_mtp import hf_mtp
 from keras_mtp import inputs as mtp_inputs
 from keras_mtp import ops as mtp_ops
+from keras_mtp import presets
+from keras_mtp import speculative as speculative_lib
 from keras_mtp.losses import SparseCrossEntropy
 from keras_mtp.mtp_block import MTPBlock
-from keras_mtp.mtp_block import check_int
-from keras_mtp.mtp_block import check_loss_chunk_size
-from keras_mtp.mtp_block import check_loss_scaling_factor
-from keras_mtp.mtp_block import check_mtp_targets
 from keras_mtp.mtp_layer import check_mtp_init
+from keras_mtp.validation import check_int
+from keras_mtp.validation import check_loss_chunk_size
+from keras_mtp.validation import check_loss_scaling_factor
+from keras_mtp.validation import check_mtp_targets
 
 
 @keras.saving.register_keras_serializable(package="keras_mtp")
@@ -83,6 +86,9 @@ class MTPCausalLM(keras.Model):
             predicts (a loss below `log V` on a pretrained trunk, where a
             random depth starts confidently wrong); `from_preset` uses it
             for depths it does not load. Trained weights replace either.
+        draft_vocabulary: None, or a list of distinct token ids: the ids
+            the depths draft from in speculative decoding (see
+            `set_draft_vocabulary`). Saved with the model.
         compile: bool. If True (the default, as keras-hub's tasks), the
             model is compiled with `compile()`'s defaults on construction,
             so a new or loaded model (`from_preset`,
@@ -93,7 +99,10 @@ class MTPCausalLM(keras.Model):
             defaults to the backbone's.
 
     Inputs: a dict with `token_ids` `(B, T)`, `padding_mask` `(B, T)` and
-    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding) — what
+    optionally `segment_ids` `(B, T)` (packed rows, 0 = padding: each
+    document attends only within itself, with its own positions, in the
+    backbone and every MTP depth; see `keras_mtp.backbones.call_backbone`;
+    not for Qwen3.5, which raises) — what
     `keras_hub`'s `CausalLMPreprocessor` yields as `x`, with `y` the next
     tokens and `sample_weight` the main loss weights. Ids must be integers in
     `[0, vocabulary_size)` and every tensor of the shape of `token_ids`:
@@ -128,6 +137,7 @@ class MTPCausalLM(keras.Model):
         loss_chunk_size=None,
         mtp_targets="labels",
         mtp_init="random",
+        draft_vocabulary=None,
         compile=True,
         **kwargs,
     ):
@@ -154,6 +164,7 @@ class MTPCausalLM(keras.Model):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
+        self.set_draft_vocabulary(draft_vocabulary)
         self.mtp_block = None
         if mtp_num_layers > 0:
             self.mtp_block = MTPBlock(
@@ -223,14 +234,46 @@ class MTPCausalLM(keras.Model):
             )
         self.mtp_block.loss_scale.assign(float(value))
 
+    @property
+    def draft_vocabulary(self):
+        """The ids the MTP depths draft from while decoding, int32 `(K,)`,
+        or None for the full vocabulary (see `set_draft_vocabulary`)."""
+        return self._draft_vocabulary
+
+    def set_draft_vocabulary(self, token_ids):
+        """Restricts speculative drafts to `token_ids`, or lifts the
+        restriction with None.
+
+        FR-Spec (Zhao et al. 2025): most accepted drafts are frequent
+        tokens, so each depth's output head scores only the K most frequent
+        ids of the training data (`keras_mtp.speculative.frequent_tokens`)
+        instead of all V. The main model still verifies over the full
+        vocabulary by the same rules, so `generate`'s output is unchanged
+        (greedy: token for token; sampling: in distribution); only a draft
+        the sub-vocabulary cannot express is lost. On SmolLM2-135M (V =
+        49,152, d = 576) a depth's head is the most of its cost.
+
+        The ids are saved by `save_to_preset` and in `.keras` files (in
+        the model's config), and leave training untouched.
+
+        Args:
+            token_ids: a 1-D list or array of distinct ids in
+                `[0, vocabulary_size)`, or None.
+        """
+        self._draft_vocabulary = speculative_lib.check_draft_vocabulary(
+            token_ids, self.backbone.vocabulary_size
+        )
+
     def call(self, inputs, training=None):
         mtp_inputs.check_structure(inputs)
         token_ids = inputs["token_ids"]
         padding_mask = inputs.get("padding_mask")
         if padding_mask is None:
             padding_mask = ops.ones_like(token_ids)
-        hidden = self.backbone(
-            backbones.backbone_inputs(self.backbone, token_ids, padding_mask)
+        hidden = backbones.call_backbone(
+            self.backbone,
+            backbones.backbone_inputs(self.backbone, token_ids, padding_mask),
+            inputs.get("segment_ids"),
         )  # (B, T, d)
         if not (training or self._mtp_in_evaluate):
             return self._logits(hidden)  # (B, T, V)
@@ -319,8 +362,6 @@ class MTPCausalLM(keras.Model):
             the generated tokens up to each row's stop token. And the stats
             if asked.
         """
-        from keras_mtp import speculative as speculative_lib
-
         no_prompts = isinstance(inputs, (list, tuple)) and not inputs
         if no_prompts and self.preprocessor is None:
             raise ValueError(
@@ -409,8 +450,6 @@ class MTPCausalLM(keras.Model):
         `keras_hub.samplers.Sampler`), but greedy unless given: keras-hub's
         default is `"top_k"`.
         """
-        from keras_mtp import speculative as speculative_lib
-
         self.sampler = speculative_lib.get_sampler(sampler)
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5)
@@ -556,6 +595,8 @@ class MTPCausalLM(keras.Model):
             self.backbone.vocabulary_size,
             self.mtp_num_layers if step else 0,
         )
+        if mtp_inputs.has_segment_ids(x):
+            backbones.check_packing(self.backbone)
         return x, y, sample_weight, batch_size
 
     def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
@@ -707,8 +748,6 @@ class MTPCausalLM(keras.Model):
         model.save_to_preset("./gemma3_1b_mtp")
         ```
         """
-        from keras_mtp import presets
-
         return presets.from_preset(cls, preset, load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir):
@@ -723,8 +762,6 @@ class MTPCausalLM(keras.Model):
         touched, except an earlier save's `mtp.weights.h5`, removed when
         this model has no MTP depths: the directory then describes exactly
         the model saved."""
-        from keras_mtp import presets
-
         presets.save_to_preset(self, preset_dir)
 
     def export_to_transformers(self, path):
@@ -733,8 +770,6 @@ class MTPCausalLM(keras.Model):
         family's own checkpoints carry them (Qwen3.5; see
         `keras_mtp.hf_mtp`). Other families have no Hugging Face layout for
         MTP weights: `save_to_preset` keeps them."""
-        from keras_mtp import hf_mtp
-
         task = backbones.causal_lm(self.backbone)
         task.preprocessor = self.preprocessor
         task.export_to_transformers(path)
@@ -757,6 +792,11 @@ class MTPCausalLM(keras.Model):
                 "loss_chunk_size": self.loss_chunk_size,
                 "mtp_targets": self.mtp_targets,
                 "mtp_init": self.mtp_init,
+                "draft_vocabulary": (
+                    None
+                    if self.draft_vocabulary is None
+                    else self.draft_vocabulary.tolist()
+                ),
             }
         )
         return config

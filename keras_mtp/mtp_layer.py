@@ -55,6 +55,11 @@ class MTPLayer(keras.layers.Layer):
         token_embeddings: float tensor `(B, T, d)`, `Emb(x[i + k])`.
         padding_mask: tensor `(B, T)`, 1 for real tokens.
         training: bool. Passed to the transformer block.
+        attention_mask: optional bool tensor `(B, T, T)` of packed rows
+            (`keras_mtp.backbones.segment_attention_mask`), ANDed into the
+            block's causal mask.
+        positions: optional int tensor `(B, T)`, per-document positions,
+            for blocks that take them (Gemma4).
 
     Example:
 
@@ -178,11 +183,22 @@ class MTPLayer(keras.layers.Layer):
         return self.projection(x)
 
     def call(
-        self, hidden_states, token_embeddings, padding_mask, training=None
+        self,
+        hidden_states,
+        token_embeddings,
+        padding_mask,
+        training=None,
+        attention_mask=None,
+        positions=None,
     ):
         x = self._combine(hidden_states, token_embeddings)
         x = backbones.call_decoder(
-            self.transformer_block, x, padding_mask, training=training
+            self.transformer_block,
+            x,
+            padding_mask,
+            training=training,
+            attention_mask=attention_mask,
+            positions=positions,
         )
         return x, self.output_norm(x)
 

@@ -44,6 +44,7 @@ _SETTINGS = (
     "mtp_detach_trunk",
     "loss_chunk_size",
     "mtp_targets",
+    "draft_vocabulary",
 )
 
 
@@ -199,6 +200,8 @@ def save_to_preset(model, preset_dir):
         model.preprocessor.save_to_preset(preset_dir)
     settings = {key: getattr(model, key) for key in _SETTINGS}
     settings["mtp_loss_scaling_factor"] = model.mtp_loss_scaling_factor
+    if model.draft_vocabulary is not None:
+        settings["draft_vocabulary"] = model.draft_vocabulary.tolist()
     with open(os.path.join(preset_dir, MTP_CONFIG_FILE), "w") as f:
         json.dump(settings, f, indent=2)
     weights_path = os.path.join(preset_dir, MTP_WEIGHTS_FILE)

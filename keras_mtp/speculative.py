@@ -343,6 +343,105 @@ def _recurrent_prefill(task, token_ids, count):
     return _hybrid_trunk(backbone, token_ids, cache, 0, run_recurrent)
 
 
+# === Draft vocabulary ========================================================
+
+
+def frequent_tokens(token_ids, size, vocabulary_size):
+    """The `size` most frequent ids in `token_ids`, most frequent first
+    (ties: the smaller id first), int32 `(size,)`: a draft vocabulary for
+    `MTPCausalLM.set_draft_vocabulary` (FR-Spec, Zhao et al. 2025).
+
+    Args:
+        token_ids: an integer array of any shape, or an iterable of them
+            (batches of a dataset's `token_ids`). Every id given is
+            counted: leave padding out.
+        size: int in `[1, vocabulary_size]`: how many ids to keep.
+        vocabulary_size: int: every id must be in `[0, vocabulary_size)`.
+    """
+    vocabulary_size = _positive_int(vocabulary_size, "vocabulary_size")
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, (int, np.integer))
+        or not 1 <= size <= vocabulary_size
+    ):
+        raise ValueError(
+            "`size` must be an int in [1, vocabulary_size="
+            f"{vocabulary_size}]. Received: size={size!r}"
+        )
+    if isinstance(token_ids, (np.ndarray, np.generic)) or hasattr(
+        token_ids, "shape"
+    ):
+        token_ids = [token_ids]
+    counts = np.zeros(vocabulary_size, "int64")
+    for ids in token_ids:
+        ids = np.asarray(ops.convert_to_numpy(ids)).ravel()
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"Token ids must be integers. Received dtype {ids.dtype}"
+            )
+        ids = ids.astype("int64")
+        _check_ids_in_range(ids, vocabulary_size)
+        counts += np.bincount(ids, minlength=vocabulary_size)
+    # A stable sort of the negated counts keeps equal counts in id order.
+    ranked = np.argsort(-counts, kind="stable")
+    return ranked[:size].astype("int32")
+
+
+def check_draft_vocabulary(token_ids, vocabulary_size):
+    """`token_ids` as a draft vocabulary: None (the full vocabulary), or
+    distinct ids in `[0, vocabulary_size)`, at least one, as int32 `(K,)`;
+    a clear error otherwise."""
+    if token_ids is None:
+        return None
+    ids = np.asarray(ops.convert_to_numpy(token_ids))
+    if ids.ndim != 1 or not ids.size:
+        raise ValueError(
+            "A draft vocabulary is a non-empty 1-D list of token ids, or "
+            f"None. Received: an array of shape {ids.shape}"
+        )
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"Draft vocabulary ids must be integers. Received dtype {ids.dtype}"
+        )
+    _check_ids_in_range(ids, vocabulary_size)
+    values, counts = np.unique(ids, return_counts=True)
+    if counts.max() > 1:
+        raise ValueError(
+            "Draft vocabulary ids must be distinct. Received repeated ids "
+            f"{values[counts > 1][:8].tolist()}"
+        )
+    return ids.astype("int32")
+
+
+def _positive_int(value, name):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive int. Received: {value!r}"
+        )
+    return int(value)
+
+
+def _check_ids_in_range(ids, vocabulary_size):
+    bad = ids[(ids < 0) | (ids >= vocabulary_size)]
+    if bad.size:
+        raise ValueError(
+            f"Token ids must be in [0, {vocabulary_size}). Received "
+            f"{bad[:8].tolist()}"
+        )
+
+
+def spread(probs, slots):
+    """A distribution over a draft vocabulary `(..., K)` as one over the
+    full vocabulary `(..., V)`, zero outside: `slots` `(V,)` gives each
+    id's column in the draft vocabulary, or K for ids outside it."""
+    zero = ops.zeros_like(probs[..., :1])
+    return ops.take(ops.concatenate([probs, zero], axis=-1), slots, axis=-1)
+
+
 # === Sampling ================================================================
 
 
@@ -486,6 +585,14 @@ class _Loop:
             forward pass.
         sampler: a keras-hub `Sampler` whose distribution is known
             (`SAMPLING`), or None for greedy decoding.
+
+    With a draft vocabulary of K ids, their rows of the output head's
+    kernel are gathered once per call (`backbones.decoding_kernel`), and
+    depth k scores only those K ids: greedy, its draft is the best of
+    them; sampling, `q` is the sampler's distribution over them, zero
+    elsewhere. The main model still verifies over the full vocabulary with
+    the same rules, so the output does not change, only how often drafts
+    are accepted.
     """
 
     def __init__(self, model, task, stop_token_ids, ragged, depths, sampler):
@@ -500,8 +607,21 @@ class _Loop:
         self.ragged = ragged
         self.sampler = sampler
 
-    def __call__(self, token_ids, padding_mask, seed):
+    def __call__(self, token_ids, padding_mask, seed, draft_vocabulary=None):
         batch, self.length = token_ids.shape
+        self.draft_ids = self.slots = None
+        self.draft_head = backbones.decoding_kernel(self.embedding)
+        if draft_vocabulary is not None and self.depths:
+            ids = ops.cast(draft_vocabulary, "int32")
+            size, vocabulary = ids.shape[0], self.embedding.input_dim
+            self.draft_ids = ids
+            self.draft_head = backbones.decoding_kernel(self.embedding, ids)
+            # Each id's column in the draft vocabulary, or K outside it.
+            self.slots = ops.scatter_update(
+                ops.full((vocabulary,), size, "int32"),
+                ids[:, None],
+                ops.arange(size, dtype="int32"),
+            )
         self.cache_length = _cache_length(
             self.backbone, self.length, self.depths
         )
@@ -682,8 +802,9 @@ class _Loop:
                 start,
             )
             caches.append(cache)
-            logits = self.embedding(ops.take(normed, at, axis=1), reverse=True)
-            token, q = self.choose(logits, inputs, counter + k, batch)
+            token, q = self.propose(
+                ops.take(normed, at, axis=1), inputs, counter + k, batch
+            )
             token = self.keep_prompt(n + k, token[:, None], inputs)
             buffer = ops.slice_update(buffer, [0, n + k], token)
             if q is not None:
@@ -730,6 +851,22 @@ class _Loop:
         probs = sampler_probabilities(self.sampler, logits)
         draw = uniform(inputs.seed, counter, (batch,))
         return sample(probs, draw), probs
+
+    def propose(self, normed, inputs, counter, batch):
+        """A depth's draft from its normed hidden state `(B, d)` at the
+        drafting position, and `q` over the full vocabulary (None when
+        greedy): through the draft head, so over the draft vocabulary if
+        there is one, its ids mapped back to the full vocabulary's."""
+        logits = backbones.decoding_logits(
+            self.embedding, normed, self.draft_head
+        )
+        if self.draft_ids is None:
+            return self.choose(logits, inputs, counter, batch)
+        if self.sampler is None:
+            return ops.take(self.draft_ids, _argmax(logits)), None
+        probs = sampler_probabilities(self.sampler, logits)  # (B, K)
+        column = sample(probs, uniform(inputs.seed, counter, (batch,)))
+        return ops.take(self.draft_ids, column), spread(probs, self.slots)
 
     def no_probs(self, batch):
         if self.sampler is None:
@@ -810,6 +947,7 @@ def speculative_decode(
     ragged=True,
     depths=None,
     sampler=None,
+    draft_vocabulary=None,
 ):
     """The decoding loop, in backend ops (traceable).
 
@@ -825,6 +963,8 @@ def speculative_decode(
         depths: how many MTP depths draft (default: all); 0 decodes one
             token per main forward pass.
         sampler: None (greedy), or a keras-hub sampler of `SAMPLING`.
+        draft_vocabulary: None, or int32 `(K,)`: the ids the depths draft
+            from (`MTPCausalLM.set_draft_vocabulary`).
 
     Returns:
         `(token_ids, padding_mask, stats)`: the outputs, as keras-hub's
@@ -837,7 +977,7 @@ def speculative_decode(
     if depths is None:
         depths = model.mtp_num_layers
     loop = _Loop(model, task, stop_token_ids, ragged, depths, sampler)
-    return loop(token_ids, padding_mask, seed)
+    return loop(token_ids, padding_mask, seed, draft_vocabulary)
 
 
 class _Decoders:
@@ -860,18 +1000,23 @@ class _Decoders:
             settings = (type(sampler).__name__,) + settings
         key = (stop_token_ids, ragged, depths, settings)
         if key not in self.functions:
-            self.functions[key] = _compile(
-                functools.partial(
-                    speculative_decode,
+
+            def decode(token_ids, padding_mask, seed, draft_vocabulary=None):
+                return speculative_decode(
                     model,
                     self.task,
+                    token_ids,
+                    padding_mask,
+                    seed,
                     stop_token_ids=stop_token_ids,
                     ragged=ragged,
                     depths=depths,
                     sampler=sampler,
-                ),
-                model,
-            )
+                    draft_vocabulary=draft_vocabulary,
+                )
+
+            # Traced again for a draft vocabulary, or one of another size.
+            self.functions[key] = _compile(decode, model)
         return self.functions[key]
 
     def keras_hub(self, sampler, seed):
@@ -1079,9 +1224,12 @@ def _generate_with_loop(
         None if speculative else 0,
         None if greedy else sampler,
     )
-    outputs, mask, raw = function(
-        token_ids, prompt_mask, np.asarray(seed % 2**31, "int32")
-    )
+    arguments = [token_ids, prompt_mask, np.asarray(seed % 2**31, "int32")]
+    if speculative and model.draft_vocabulary is not None:
+        # An argument, not a constant: a new vocabulary of the same size
+        # reuses the compiled function.
+        arguments.append(model.draft_vocabulary)
+    outputs, mask, raw = function(*arguments)
     raw = {k: np.asarray(ops.convert_to_numpy(v)) for k, v in raw.items()}
     counts = {
         "forward_passes": int(raw["forward_passes"]),

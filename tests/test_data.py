@@ -476,3 +476,23 @@ def test_default_corpus_files():
     parts = {p for f in files for p in f.split(os.sep)}
     assert not parts & {"site-packages", "test", "tests"}
     assert data.list_corpus_files() == files
+
+
+def test_load_corpus_splits_tokenizes_and_pads_the_vocabulary(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i in range(10):
+        (corpus_dir / f"f{i}.txt").write_bytes(bytes([65 + i]) * (50 + i))
+    corpus = data.load_corpus(
+        str(corpus_dir), None, 0.2, seed=0, cache_dir=str(tmp_path / "c")
+    )
+    assert corpus.num_files == 10
+    assert corpus.vocabulary_size % 64 == 0
+    assert corpus.vocabulary_size >= data.vocabulary_size(None)
+    assert corpus.num_bytes == sum(50 + i for i in range(10))
+    train, val = data.split_files(
+        data.list_corpus_files(str(corpus_dir)), 0.2, seed=0
+    )
+    want = [data.prepare_tokens(s, str(tmp_path / "c")) for s in (train, val)]
+    np.testing.assert_array_equal(corpus.train_tokens, want[0])
+    np.testing.assert_array_equal(corpus.val_tokens, want[1])

@@ -10,6 +10,7 @@ JAX only, on 8 devices: conftest asks XLA for 8 CPU devices
 import contextlib
 import gc
 import re
+import types
 
 import keras
 import keras_hub
@@ -22,10 +23,10 @@ from conftest import make_backbone
 from conftest import make_batch
 
 import keras_mtp
-import train
 from keras_mtp import backbones
 from keras_mtp.distribution import check_layout_map
 from keras_mtp.distribution import get_layout_map
+from keras_mtp.distribution import make_distribution
 
 
 def _num_devices():
@@ -295,19 +296,31 @@ def live_bytes_per_device():
 
 
 def train_config(**overrides):
-    """train.py's config of the shardable Llama (width 16, 4 heads)."""
+    """train.py's settings of the shardable Llama (width 16, 4 heads)."""
     fields = dict(
         backbone="llama",
         hidden_dim=16,
         num_layers=1,
         num_heads=4,
         intermediate_dim=32,
+        sequence_length=128,
         mtp_num_layers=DEPTHS,
         distribution="model",
         mesh="2,4",
         batch_size=8,
     )
-    return train.Config(**{**fields, **overrides})
+    return types.SimpleNamespace(**{**fields, **overrides})
+
+
+def train_distribution(config):
+    """`make_distribution` with train.py's arguments from `config`."""
+    return make_distribution(
+        config.distribution,
+        config.backbone,
+        config.mtp_num_layers,
+        config.batch_size,
+        config.mesh,
+    )
 
 
 def build_train_model(config):
@@ -328,7 +341,7 @@ def test_train_distribution_creates_weights_sharded(monkeypatch):
     config = train_config(mtp_num_layers=1)
     before = live_bytes_per_device()
     with record_full_copies(monkeypatch) as recorded, fast_compilation():
-        distribution = train.make_distribution(config)
+        distribution = train_distribution(config)
         with distribution.scope():
             model = build_train_model(config)
         in_scope = {path for path, _ in recorded}
@@ -377,30 +390,30 @@ def test_train_distribution_creates_weights_sharded(monkeypatch):
 @needs_8_devices
 def test_make_distribution_batch_divides_the_batch_axis(monkeypatch):
     # --mesh=2,4: the batch splits over the batch axis (2), not 8 devices.
-    distribution = train.make_distribution(train_config(batch_size=2))
+    distribution = train_distribution(train_config(batch_size=2))
     assert isinstance(distribution, keras.distribution.ModelParallel)
     layout = distribution.get_data_layout((2, 12))
     assert tuple(layout.axes) == ("batch", None)
     with pytest.raises(
-        ValueError, match=r"batch axis of --mesh=2,4 \(2\).*batch_size=3"
+        ValueError, match=r"batch axis of mesh='2,4' \(2\).*batch_size=3"
     ):
-        train.make_distribution(train_config(batch_size=3))
+        train_distribution(train_config(batch_size=3))
     # DataParallel splits the batch over every device.
-    data = train.make_distribution(train_config(distribution="data", mesh=""))
+    data = train_distribution(train_config(distribution="data", mesh=""))
     assert isinstance(data, keras.distribution.DataParallel)
     with pytest.raises(ValueError, match="8 devices: batch_size=2"):
-        train.make_distribution(
+        train_distribution(
             train_config(distribution="data", mesh="", batch_size=2)
         )
     with pytest.raises(ValueError, match="mesh='2,3'"):
-        train.make_distribution(train_config(mesh="2,3"))
+        train_distribution(train_config(mesh="2,3"))
     # Each process feeds whole batch shards: 4 processes cannot share 2.
     import jax
 
     monkeypatch.setattr(jax, "process_count", lambda: 4)
     with pytest.raises(ValueError, match=r"\(2\), which 4 process"):
-        train.make_distribution(train_config(batch_size=8))
-    assert train.make_distribution(train_config(distribution="none")) is None
+        train_distribution(train_config(batch_size=8))
+    assert train_distribution(train_config(distribution="none")) is None
 
 
 @needs_8_devices
@@ -550,3 +563,51 @@ def test_data_parallel_matches_one_device(single_device):
     assert len(model.weights[0].value.sharding.device_set) == 8
     history = fit_history(model, distribution)
     assert_same_history(history, reference)
+
+
+def packed_batch(rows=8, length=12, seed=1):
+    """Rows packing 2 to 4 documents each, some padded: `(x, y, w)` with
+    segment ids and no main-loss weight across a document boundary."""
+    rng = np.random.default_rng(seed)
+    x, _, _ = make_batch(seed=seed, batch=rows, length=length)
+    segments = np.zeros((rows, length), "int32")
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(2, length - 1), 2, replace=False))
+        segments[r] = 1 + np.searchsorted(cuts, np.arange(length), "right")
+        segments[r, length - r % 3 :] = 0  # padding
+    x["padding_mask"] = (segments > 0).astype("int32")
+    x["token_ids"] = np.where(segments > 0, x["token_ids"], 0)
+    x["segment_ids"] = segments
+    y = np.roll(x["token_ids"], -1, axis=1)
+    following = np.roll(segments, -1, axis=1)
+    following[:, -1] = 0
+    w = ((segments == following) & (segments > 0)).astype("float32")
+    return x, y, w
+
+
+@needs_8_devices
+def test_packed_rows_on_a_2x4_mesh_give_the_loss_of_one_device():
+    """GPT-2 (learned positions restarted per document, the segment mask in
+    the trunk and the MTP blocks) evaluated on packed rows, sharded over a
+    2x4 mesh, gives one device's losses."""
+    x, y, w = packed_batch()
+    model = make_shardable_model("gpt2")
+    config, weights = model.get_config(), model.get_weights()
+    reference = model.evaluate(
+        x, y, sample_weight=w, batch_size=8, return_dict=True, verbose=0
+    )
+    mesh = make_mesh((2, 4))
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map_of(model, mesh), batch_dim_name="batch"
+    )
+    with distribution.scope():
+        sharded = keras_mtp.MTPCausalLM.from_config(config)
+        sharded.set_weights(weights)
+        logs = sharded.evaluate(
+            x, y, sample_weight=w, batch_size=8, return_dict=True, verbose=0
+        )
+    assert sorted(logs) == sorted(reference)
+    for key, expected in reference.items():
+        np.testing.assert_allclose(
+            logs[key], expected, rtol=RTOL, atol=ATOL, err_msg=key
+        )

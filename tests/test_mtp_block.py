@@ -36,6 +36,19 @@ def numpy_targets_and_weights(x, m, s, k):
     return targets, weights
 
 
+def numpy_segment_mask(s):
+    """Packed rows' attention: key `j <= i` in query `i`'s run of equal ids,
+    or any key `j <= i` where query `i` or key `j` is padding (id 0)."""
+    batch, length = s.shape
+    mask = np.zeros((batch, length, length), bool)
+    for b in range(batch):
+        for i in range(length):
+            for j in range(i + 1):
+                padding = s[b, i] == 0 or s[b, j] == 0
+                mask[b, i, j] = padding or all(s[b, j : i + 1] == s[b, i])
+    return mask
+
+
 def numpy_rms_norm(v, scale, eps):
     return v / np.sqrt(np.mean(v**2, -1, keepdims=True) + eps) * scale
 
@@ -68,7 +81,12 @@ def numpy_mtp_losses(block, hidden, x, m, s, outputs=None):
             ],
             axis=-1,
         ) @ np_(layer.projection.kernel)
-        h = np_(backbones.call_decoder(layer.transformer_block, u, m))
+        attention_mask = None if s is None else numpy_segment_mask(s)
+        h = np_(
+            backbones.call_decoder(
+                layer.transformer_block, u, m, attention_mask=attention_mask
+            )
+        )
         logits = np_(layer.output_norm(h)) @ head
         z = logits - logits.max(-1, keepdims=True)
         log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -15,6 +15,7 @@ from conftest import make_batch
 from keras import ops
 
 import keras_mtp
+from keras_mtp import backbones
 
 DEPTHS = 2
 
@@ -65,8 +66,10 @@ def test_evaluate_depth_losses_match_the_block(packed):
         segments = np.where(np.arange(12) < 5, 1, 2) * x["padding_mask"]
         x = {**x, "segment_ids": segments}
     logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
-    hidden = model.backbone(
-        {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
+    hidden = backbones.call_backbone(  # packed: the segment-masked trunk
+        model.backbone,
+        {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]},
+        segments,
     )
     losses = np_(
         model.mtp_block(
@@ -93,7 +96,11 @@ def test_evaluate_logs_acceptance_against_numpy(chunk, targets):
     segments = np.where(np.arange(12) < 5, 1, 2) * mask
     x = {**x, "segment_ids": segments}
     logs = model.evaluate(x, y, sample_weight=w, return_dict=True, verbose=0)
-    hidden = np_(model.backbone({"token_ids": ids, "padding_mask": mask}))
+    hidden = np_(
+        backbones.call_backbone(
+            model.backbone, {"token_ids": ids, "padding_mask": mask}, segments
+        )
+    )
     expected = {}
     losses = numpy_mtp_losses(
         model.mtp_block, hidden, ids, mask, segments, expected

@@ -16,7 +16,9 @@ import keras
 import numpy as np
 import pytest
 
-import keras_mtp  # noqa: F401  (registers the classes load_model needs)
+import keras_mtp  # registers the classes load_model needs
+from keras_mtp import checkpoint
+from keras_mtp.callbacks import global_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -151,7 +153,7 @@ def test_run_directory_holds_everything(reference_run):
     assert "mean over the last 4 steps" in stdout
     assert "MTP depth 2 (token +3)" in stdout
     model = keras.models.load_model(os.path.join(output_dir, "model.keras"))
-    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 36
+    assert global_step(model) == 36
     # Throughput in every row; MFU needs a known peak, not a CPU's.
     for row in rows:
         assert float(row["tokens_per_second"]) > 0
@@ -503,10 +505,8 @@ def test_checkpoint_fallback_and_errors(tmp_path, capsys):
     expected = model.predict(x, verbose=0)
 
     def restored(model):
-        number = train.restore_checkpoint(model, directory)
-        return number, int(
-            keras.ops.convert_to_numpy(model.optimizer.iterations)
-        )
+        number = checkpoint.restore_checkpoint(model, directory)
+        return number, global_step(model)
 
     # Killed mid-write: Orbax's temporary directory is not a checkpoint.
     partial = os.path.join(directory, "3.orbax-checkpoint-tmp-1")
@@ -530,14 +530,14 @@ def test_checkpoint_fallback_and_errors(tmp_path, capsys):
     assert f"Moved {directory}/2 to {aside}/2-1" in err
     assert sorted(os.listdir(aside)) == ["2", "2-1"]
     assert os.listdir(os.path.join(aside, "2")) == []
-    assert train.complete_checkpoints(directory) == [1, 0]
+    assert checkpoint.complete_checkpoints(directory) == [1, 0]
 
     # A checkpoint of another model (2 MTP depths, not 1) does not load:
     # an error, never a silent start from step 0, and nothing is moved.
     _, other = tiny(mtp_num_layers=1)
     with pytest.raises(ValueError, match="No checkpoint in .* can be restored"):
-        train.restore_checkpoint(other, directory)
-    assert train.complete_checkpoints(directory) == [1, 0]
+        checkpoint.restore_checkpoint(other, directory)
+    assert checkpoint.complete_checkpoints(directory) == [1, 0]
 
     # The run directory of another config is refused before any loading.
     with open(os.path.join(config.output_dir, "config.json"), "w") as f:
@@ -586,14 +586,64 @@ def test_two_processes_killed_resume_and_reshard(
         "padding_mask": np.ones((4, 32), "int32"),
     }
     predictions = []
-    for distribution in (train.make_distribution(config), None):
+    distribution = keras_mtp.distribution.make_distribution(
+        config.distribution,
+        config.backbone,
+        config.mtp_num_layers,
+        config.batch_size,
+        config.mesh,
+    )
+    for distribution in (distribution, None):
         keras.utils.clear_session()  # the variable paths of a fresh process
         scope = (
             distribution.scope() if distribution else contextlib.nullcontext()
         )
         with scope:
             model = train.make_model(config, 320)
-            step = keras.ops.convert_to_numpy(model.optimizer.iterations)
-            assert int(step) == 36
+            assert global_step(model) == 36
             predictions.append(model.predict(x, verbose=0))
     np.testing.assert_allclose(predictions[0], predictions[1], atol=1e-5)
+
+
+def test_packing_trains_with_documents_kept_apart(corpus, tmp_path):
+    """`--packing=true` trains on rows of packed files (segment ids in every
+    batch), and the model it saves keeps packed documents apart: a file's
+    second half after another document gives the logits it gives alone."""
+    output_dir = tmp_path / "packed"
+    stdout = run(
+        command(output_dir, corpus, "--packing=true", "--steps=8")
+        + ["--eval-interval=8", "--mtp-num-layers=1"]
+    )
+    assert "Final metrics after 8 steps" in stdout
+    rows = metrics(output_dir)
+    for key in ("loss", "main_loss", "mtp_loss_1", "val_loss"):
+        assert np.isfinite(float(rows[-1][key])), key
+    with open(os.path.join(output_dir, "config.json")) as f:
+        assert json.load(f)["packing"] is True
+    model = keras.models.load_model(os.path.join(output_dir, "model.keras"))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(1, 256, size=(2, 16)).astype("int32")
+    ones = np.ones((1, 32), "int32")
+    packed = {
+        "token_ids": np.concatenate([a, b])[None],
+        "padding_mask": ones,
+        "segment_ids": np.repeat([[1, 2]], 16, axis=1).astype("int32"),
+    }
+    alone = {"token_ids": b[None], "padding_mask": ones[:, :16]}
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(packed))[0, 16:],
+        keras.ops.convert_to_numpy(model(alone))[0],
+        atol=1e-5,
+    )
+
+
+def test_packing_is_refused_for_qwen3_5_before_anything_is_built(capsys):
+    sys.path.insert(0, ROOT)
+    import train
+
+    for name in ("qwen3_5", "qwen3_5_moe"):
+        with pytest.raises(SystemExit):
+            train.parse_config([f"--backbone={name}", "--packing=true"])
+        error = capsys.readouterr().err
+        assert "--packing: Packed rows" in error, error
+        assert f"'{name}' family" in error, error
