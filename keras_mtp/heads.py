@@ -222,6 +222,9 @@ class _Features(keras.Model):
     """The frozen trunk's `h^0 (B, T, d)` and the main head's top-1 ids."""
 
     def __init__(self, model, **kwargs):
+        # Named explicitly: the class name's default, "__features", is not
+        # a valid TensorFlow name scope.
+        kwargs.setdefault("name", "trunk_features")
         super().__init__(**kwargs)
         self.causal_lm = model
 
